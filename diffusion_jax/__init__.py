@@ -1,0 +1,5 @@
+"""diffusion_jax: score-based diffusion models in JAX/Flax."""
+
+from diffusion_jax import sde
+
+__version__ = "0.1.0"

@@ -1,0 +1,23 @@
+"""Shared test set-up.
+
+Tests run in float32 by default, like the library; tests that want sharper checks use the
+``x64`` fixture, which enables float64 for the duration of the test only.
+"""
+
+import os
+import pathlib
+
+import jax
+import pytest
+
+_CACHE = pathlib.Path(__file__).resolve().parent.parent / ".jax_cache"
+jax.config.update("jax_compilation_cache_dir", os.environ.get("DIFFUSION_JAX_CACHE", str(_CACHE)))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+FIXTURES = pathlib.Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures"
+
+
+@pytest.fixture
+def x64():
+    with jax.enable_x64(True):
+        yield
