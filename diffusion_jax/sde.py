@@ -86,13 +86,14 @@ def standard_normal_logp(z: Array, std: Array | float = 1.0, *, batch_ndim: int 
 
 
 def _concrete(value: Any) -> float | None:
-    """The Python float of a concrete scalar, or None for tracers / placeholders used by jax."""
-    try:
-        arr = np.asarray(value)
-    except Exception:  # tracers and jax's internal placeholder objects
+    """The Python float of a parameter given as a Python or NumPy scalar, else None.
+
+    Validation runs on the values users and configs pass (Python / NumPy numbers). JAX arrays
+    are skipped: jax rebuilds pytrees through the constructor with tracers, placeholders and
+    gradient cotangents (a cotangent VPSDE may well have beta_max < beta_min)."""
+    if isinstance(value, jax.Array) or not isinstance(value, (int, float, np.generic, np.ndarray)):
         return None
-    if arr.dtype == object:
-        return None
+    arr = np.asarray(value)
     if arr.ndim != 0:
         raise ValueError(f"SDE parameters must be scalars, got an array of shape {arr.shape}")
     return float(arr)
@@ -605,8 +606,14 @@ class CosineVPSDE(LinearSDE):
     def alpha(self, t):
         return jnp.cos(self._phi(t)) / jnp.cos(self._phi(0.0))
 
+    def _sigma_sq(self, t):
+        # 1 - alpha^2 = (cos^2 phi0 - cos^2 phi) / cos^2 phi0 = sin(phi - phi0) sin(phi + phi0) / cos^2 phi0,
+        # which keeps full relative precision as t -> 0 (no 1 - (1 - eps) cancellation).
+        phi, phi0 = self._phi(t), self._phi(0.0)
+        return jnp.sin(phi - phi0) * jnp.sin(phi + phi0) / jnp.cos(phi0) ** 2
+
     def sigma(self, t):
-        return jnp.sqrt(-jnp.expm1(2.0 * jnp.log(self.alpha(t))))
+        return jnp.sqrt(self._sigma_sq(t))
 
     def drift_coef(self, t):
         return -jnp.tan(self._phi(t)) * (jnp.pi / 2) / (1.0 + self.s)
@@ -616,8 +623,7 @@ class CosineVPSDE(LinearSDE):
         return -2.0 * self.drift_coef(t)
 
     def log_snr(self, t):
-        log_a2 = 2.0 * jnp.log(self.alpha(t))
-        return log_a2 - jnp.log(-jnp.expm1(log_a2))
+        return 2.0 * jnp.log(self.alpha(t)) - jnp.log(self._sigma_sq(t))
 
     def t_from_log_snr(self, log_snr):
         # cos^2 phi = sigmoid(lambda) cos^2 phi0  =>  tan^2 phi = (sin^2 phi0 + e^-lambda) / cos^2 phi0.
