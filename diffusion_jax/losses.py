@@ -203,6 +203,12 @@ def get_time_sampler(name: str, **kwargs):
 # --------------------------------------------------------------------------------------------
 
 
+def _sq(err: Array) -> Array:
+    """Squared error, accumulated in at least float32 (bf16 networks)."""
+    err = err.astype(jnp.promote_types(err.dtype, jnp.float32))
+    return err * err
+
+
 def _reduce(x: Array, reduce_mean: bool) -> Array:
     axes = tuple(range(1, x.ndim))
     return jnp.mean(x, axis=axes) if reduce_mean else jnp.sum(x, axis=axes)
@@ -255,7 +261,7 @@ def dsm_loss_fn(
     def loss_fn(params, batch, key):
         x0, cond = _split_batch(batch, data_key)
         k_t, k_eps, k_model = jax.random.split(key, 3)
-        t, importance = time_sampler(k_t, x0.shape[0], sde, x0.dtype)
+        t, importance = time_sampler(k_t, x0.shape[0], sde, jnp.promote_types(x0.dtype, jnp.float32))
         eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
         x_t = sde.perturb(x0, t, eps)
         x_in, c_noise = parametrization.network_inputs(sde, x_t, t)
@@ -263,7 +269,7 @@ def dsm_loss_fn(
         pred = parametrization.prediction(sde, x_t, t, out)
         err = pred - param_lib.target(kind, sde, x0, eps, t)
         weight = w_fn(sde, t, **w_kwargs) * importance / param_lib.error_scale(kind, sde, t) ** 2
-        per_example = weight * _reduce(jnp.square(err.astype(jnp.float32)), reduce_mean)
+        per_example = weight * _reduce(_sq(err), reduce_mean)
         return _batch_mean(per_example, batch), {"loss_per_example": per_example, "t": t}
 
     return loss_fn
@@ -285,7 +291,7 @@ def smld_loss_fn(model_fn: ModelFn, sde: SDE, *, reduce_mean: bool = False, data
         x = x0 + broadcast_to_data(sigma, x0) * z
         score = model_fn(params, x, labels, cond, k_model)
         err = broadcast_to_data(sigma, x0) * score + z
-        per_example = _reduce(jnp.square(err.astype(jnp.float32)), reduce_mean)
+        per_example = _reduce(_sq(err), reduce_mean)
         return _batch_mean(per_example, batch), {"loss_per_example": per_example, "t": labels}
 
     return loss_fn
@@ -307,7 +313,7 @@ def ddpm_loss_fn(model_fn: ModelFn, sde: SDE, *, reduce_mean: bool = True, data_
         z = jax.random.normal(k_z, x0.shape, x0.dtype)
         x = broadcast_to_data(a, x0) * x0 + broadcast_to_data(s, x0) * z
         out = model_fn(params, x, labels, cond, k_model)
-        per_example = _reduce(jnp.square((out - z).astype(jnp.float32)), reduce_mean)
+        per_example = _reduce(_sq(out - z), reduce_mean)
         return _batch_mean(per_example, batch), {"loss_per_example": per_example, "t": labels}
 
     return loss_fn
