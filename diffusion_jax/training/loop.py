@@ -1,0 +1,179 @@
+"""The training loop: typed pieces in, checkpoints / metrics / samples out.
+
+Fault tolerance lives here: resume from the newest readable checkpoint, SIGTERM (and orbax's
+multi-host preemption notice) saves before exiting, non-finite losses or gradients are caught at
+the step they appear, and the metric history of a resumed run equals that of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+
+from diffusion_jax.training.checkpoint import Checkpointer
+from diffusion_jax.training.logging import MetricWriter, Progress
+from diffusion_jax.training.step import shard_batch
+
+__all__ = ["fit", "TrainingDiverged", "Preempted", "RunSummary"]
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient under ``nan_policy='stop'`` (or too many in a row)."""
+
+
+class Preempted(RuntimeError):
+    """The run saved a checkpoint and stopped on SIGTERM / a preemption notice."""
+
+
+@dataclasses.dataclass
+class RunSummary:
+    start_step: int
+    final_step: int
+    seconds: float
+    steps_per_second: float
+    nonfinite_steps: int
+    last_metrics: dict
+
+
+class _SignalFlag:
+    """Records SIGTERM/SIGINT so the loop can checkpoint and stop between steps."""
+
+    def __init__(self, signals=(signal.SIGTERM,)):
+        self.signals, self.received, self._old = signals, None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in self.signals:
+                self._old[s] = signal.signal(s, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _stack(batches: list[dict]) -> dict:
+    return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+
+def _crossed(prev: int, now: int, every: int) -> bool:
+    """Whether a multiple of ``every`` lies in (prev, now]."""
+    return every > 0 and now // every > prev // every
+
+
+def fit(
+    *,
+    state: Any,
+    step_fn: Callable,
+    data_iter: Iterator[dict],
+    mesh,
+    n_iters: int,
+    n_jitted_steps: int = 1,
+    checkpointer: Checkpointer | None = None,
+    checkpoint_every: int = 0,
+    writer: MetricWriter | None = None,
+    log_freq: int = 50,
+    eval_freq: int = 0,
+    eval_fn: Callable[[Any, int], dict] | None = None,
+    snapshot_freq: int = 0,
+    snapshot_fn: Callable[[Any, int], None] | None = None,
+    nan_policy: str = "skip",
+    max_consecutive_nan: int = 20,
+    meta: dict | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> tuple[Any, RunSummary]:
+    """Run ``step_fn`` until ``state.step == n_iters``.
+
+    ``step_fn(state, batches)`` is the jitted step of :func:`make_train_step`; batches are drawn
+    ``n_jitted_steps`` at a time from ``data_iter`` (this process's share of each global batch).
+    Checkpoints are saved every ``checkpoint_every`` steps, at the end, and on SIGTERM.
+    ``stop_after`` stops (with a checkpoint) after that many steps in this call, for tests and
+    time-sliced jobs.
+    """
+    if nan_policy not in ("skip", "stop"):
+        raise ValueError(f"nan_policy must be 'skip' or 'stop', got {nan_policy!r}")
+    step = int(jax.device_get(state.step))
+    start_step = step
+    bar = Progress(n_iters, step, enabled=progress and jax.process_index() == 0)
+    t_start = time.perf_counter()
+    consecutive_nan = total_nan = 0
+    last = {}
+    saved = [step]  # the step of the newest checkpoint (resuming starts from one)
+
+    def save(reason: str):
+        if checkpointer is not None and saved[0] != step:
+            checkpointer.save(step, state, data_iterator=data_iter, meta=meta)
+            saved[0] = step
+            log.info("checkpoint at step %d (%s)", step, reason)
+
+    with _SignalFlag() as sig:
+        while step < n_iters:
+            if stop_after is not None and step - start_step >= stop_after:
+                break
+            k = min(n_jitted_steps, n_iters - step)
+            batches = shard_batch(_stack([next(data_iter) for _ in range(k)]), mesh, leading_steps=True)
+            prev = step
+            state, metrics = step_fn(state, batches)
+            metrics = jax.device_get(metrics)
+            step = int(jax.device_get(state.step))
+            bad = np.asarray(metrics["nonfinite"]).astype(bool)
+            if bad.any():
+                total_nan += int(bad.sum())
+                consecutive_nan = consecutive_nan + int(bad.sum()) if bad[-1] else 0
+                first = int(np.argmax(bad))
+                detail = {name: float(np.asarray(v)[first]) for name, v in metrics.items() if name != "nonfinite"}
+                msg = f"non-finite loss or gradient at step {prev + first + 1}: {detail}"
+                if nan_policy == "stop":
+                    save("before stopping on a non-finite step")
+                    if checkpointer is not None:
+                        checkpointer.wait()
+                    raise TrainingDiverged(msg + " (nan_policy='stop'; the update was not applied)")
+                log.warning("%s; update skipped", msg)
+                if consecutive_nan >= max_consecutive_nan:
+                    save("before stopping after repeated non-finite steps")
+                    if checkpointer is not None:
+                        checkpointer.wait()
+                    raise TrainingDiverged(f"{consecutive_nan} consecutive non-finite steps; last: {msg}")
+            else:
+                consecutive_nan = 0
+            last = {name: float(np.asarray(v)[-1]) for name, v in metrics.items() if name != "nonfinite"}
+            if _crossed(prev, step, log_freq) or step == n_iters:
+                if writer is not None:
+                    writer.write(step, last)
+                bar.update(step, {"loss": last["loss"]})
+            if eval_fn is not None and _crossed(prev, step, eval_freq):
+                eval_metrics = eval_fn(state, step)
+                if writer is not None and eval_metrics:
+                    writer.write(step, eval_metrics, split="eval")
+            if snapshot_fn is not None and _crossed(prev, step, snapshot_freq):
+                snapshot_fn(state, step)
+            preempted = sig.received is not None or (checkpointer is not None and checkpointer.reached_preemption(step))
+            if _crossed(prev, step, checkpoint_every) or preempted:
+                save("preemption" if preempted else "periodic")
+            if preempted:
+                if checkpointer is not None:
+                    checkpointer.wait()
+                if writer is not None:
+                    writer.flush()
+                raise Preempted(f"stopped at step {step} on a preemption signal; checkpoint saved, rerun to resume")
+        if checkpointer is not None:
+            save("end of run")
+            checkpointer.wait()
+    if writer is not None:
+        writer.flush()
+    seconds = time.perf_counter() - t_start
+    summary = RunSummary(start_step, step, seconds, (step - start_step) / seconds if seconds > 0 else 0.0, total_nan, last)
+    return state, summary

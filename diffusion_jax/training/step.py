@@ -1,0 +1,140 @@
+"""The jitted training step, data-parallel over a device mesh.
+
+Data parallelism is a sharding of the batch (``NamedSharding(mesh, P('data'))``) with replicated
+parameters; the same step runs on one CPU, several GPUs or a TPU pod, and XLA inserts the
+gradient all-reduce. ``n_jitted_steps`` optimiser steps run per call under ``lax.scan``
+(score_sde's ``training.n_jitted_steps``); ``grad_accum_steps`` splits each step's batch into
+micro-batches whose gradients are averaged (same update, less activation memory).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from diffusion_jax.training.state import TrainState, ema_decay, ema_update
+
+__all__ = ["make_mesh", "make_train_step", "make_eval_step", "shard_batch", "replicate", "DATA_AXIS"]
+
+DATA_AXIS = "data"
+
+
+def make_mesh(devices=None) -> Mesh:
+    """A 1-D mesh over every device of every process, axis ``'data'``."""
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    return Mesh(devices.reshape(-1), (DATA_AXIS,))
+
+
+def replicate(tree, mesh: Mesh):
+    """Place a pytree replicated on every device of the mesh (works multi-host for values that
+    are identical on every process)."""
+    sharding = NamedSharding(mesh, P())
+    return jax.tree_util.tree_map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x))
+                                  if jax.process_count() > 1 else jax.device_put(x, sharding), tree)
+
+
+def shard_batch(batch: dict, mesh: Mesh, *, leading_steps: bool = False) -> dict:
+    """Assemble global arrays from this process's share of the batch, sharded along the batch
+    axis (axis 1 if the batch carries a leading ``n_jitted_steps`` axis)."""
+    spec = P(None, DATA_AXIS) if leading_steps else P(DATA_AXIS)
+    sharding = NamedSharding(mesh, spec)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def make_train_step(
+    loss_fn: Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]],
+    optimizer: optax.GradientTransformation,
+    *,
+    ema_rate: float,
+    ema_warmup: bool = False,
+    grad_accum_steps: int = 1,
+    learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
+):
+    """Returns ``step(state, batches) -> (state, metrics)``, not yet jitted.
+
+    ``batches`` holds arrays with a leading axis of ``n`` optimiser steps. Each step: draw a key
+    from the state's RNG, average the loss gradient over ``grad_accum_steps`` micro-batches,
+    check loss and gradients for NaN/Inf, and apply the update and the EMA only if everything is
+    finite (otherwise the state is left unchanged, apart from the RNG, and ``nonfinite`` = 1).
+    ``metrics`` have a leading axis ``n``: loss, grad_norm, nonfinite, lr.
+    """
+
+    def grads_for(params, batch, key):
+        if grad_accum_steps == 1:
+            (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key)
+            return loss, grads
+
+        def split(x):
+            if x.shape[0] % grad_accum_steps:
+                raise ValueError(
+                    f"batch of {x.shape[0]} does not split into grad_accum_steps={grad_accum_steps} micro-batches"
+                )
+            return x.reshape((grad_accum_steps, x.shape[0] // grad_accum_steps) + x.shape[1:])
+
+        micro = jax.tree_util.tree_map(split, batch)
+        keys = jax.random.split(key, grad_accum_steps)
+
+        def body(carry, inp):
+            loss_sum, grad_sum = carry
+            mb, k = inp
+            (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb, k)
+            return (loss_sum + loss, jax.tree_util.tree_map(jnp.add, grad_sum, grads)), None
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+        (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), (micro, keys))
+        scale = 1.0 / grad_accum_steps
+        return loss_sum * scale, jax.tree_util.tree_map(lambda g: g * scale, grad_sum)
+
+    def one_step(state: TrainState, batch):
+        rng, step_key = jax.random.split(jax.random.wrap_key_data(state.rng))
+        key = jax.random.fold_in(step_key, state.step)
+        loss, grads = grads_for(state.params, batch, key)
+        finite = jnp.isfinite(loss) & _all_finite(grads)
+        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        new_ema = ema_update(state.ema_params, new_params, ema_decay(state.step, ema_rate, ema_warmup))
+        keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = TrainState(
+            step=state.step + finite.astype(state.step.dtype),
+            params=keep(new_params, state.params),
+            ema_params=keep(new_ema, state.ema_params),
+            opt_state=keep(new_opt_state, state.opt_state),
+            rng=jax.random.key_data(rng),
+        )
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.global_norm(grads),
+            "nonfinite": 1 - finite.astype(jnp.int32),
+        }
+        if learning_rate_fn is not None:
+            metrics["lr"] = learning_rate_fn(state.step)
+        return new_state, metrics
+
+    def step(state: TrainState, batches):
+        return jax.lax.scan(one_step, state, batches)
+
+    return step
+
+
+def make_eval_step(loss_fn):
+    """``eval_step(params, batch, key) -> (sum of per-example losses, number of real examples)``,
+    so a split's mean loss is exact whatever its batch padding."""
+
+    def eval_step(params, batch, key):
+        _, aux = loss_fn(params, batch, key)
+        per_example = aux["loss_per_example"]
+        mask = batch.get("mask")
+        mask = jnp.ones_like(per_example) if mask is None else mask.astype(per_example.dtype)
+        return jnp.sum(per_example * mask), jnp.sum(mask)
+
+    return eval_step
