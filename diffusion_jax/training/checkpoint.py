@@ -9,6 +9,7 @@ run killed mid-save leaves the previous checkpoints intact.
 
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
 from typing import Any
@@ -24,6 +25,30 @@ log = logging.getLogger(__name__)
 
 class NoCheckpointError(FileNotFoundError):
     pass
+
+
+class _IteratorState:
+    """Presents any iterator with ``get_state()`` / ``set_state()`` (a JSON-serialisable state,
+    or bytes) to grain's orbax handler, which writes one file per process."""
+
+    def __init__(self, iterator):
+        self.iterator = iterator
+
+    def get_state(self) -> bytes:
+        state = self.iterator.get_state()
+        return state if isinstance(state, bytes) else json.dumps({"json": state}).encode()
+
+    def set_state(self, state: bytes) -> None:
+        try:
+            decoded = json.loads(state.decode())
+        except (UnicodeDecodeError, ValueError):
+            decoded = None
+        self.iterator.set_state(decoded["json"] if isinstance(decoded, dict) and "json" in decoded else state)
+
+    def start_prefetch(self) -> None:
+        start = getattr(self.iterator, "start_prefetch", None)
+        if start is not None:
+            start()
 
 
 class Checkpointer:
@@ -52,7 +77,7 @@ class Checkpointer:
     def save(self, step: int, state: Any, *, data_iterator=None, meta: dict | None = None, force: bool = True) -> bool:
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(dict(meta or {}, step=int(step)))}
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+            items["data"] = grain.checkpoint.CheckpointSave(_IteratorState(data_iterator))
         return self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
 
     def wait(self) -> None:
@@ -92,7 +117,7 @@ class Checkpointer:
         for s in reversed(steps):
             items = {"state": ocp.args.StandardRestore(abstract), "meta": ocp.args.JsonRestore()}
             if data_iterator is not None:
-                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+                items["data"] = grain.checkpoint.CheckpointRestore(_IteratorState(data_iterator))
             try:
                 restored = self.manager.restore(s, args=ocp.args.Composite(**items))
             except Exception as e:  # orbax raises many types for unreadable checkpoints
