@@ -1,0 +1,141 @@
+"""Build the diffusion pieces from a config: SDE, parametrization, loss and optimiser.
+
+Reads ``config.training`` (sde, continuous, weighting, ...), ``config.model`` (SDE parameters
+under score_sde's names, ``output`` / ``noise_cond``) and ``config.optim``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from diffusion_jax import losses as losses_lib
+from diffusion_jax import parametrization as param_lib
+from diffusion_jax import sde as sde_lib
+from diffusion_jax.builders.config import ConfigError
+from diffusion_jax.training.state import make_optimizer
+
+__all__ = ["build_sde", "build_parametrization", "build_loss", "build_optimizer", "learning_rate_fn", "make_model_fn"]
+
+
+def build_sde(config) -> sde_lib.SDE:
+    """``training.sde`` with its parameters from ``config.model`` (score_sde's layout)."""
+    name = config.training.sde.lower()
+    m = config.model
+    kwargs: dict[str, Any] = {
+        "vesde": dict(sigma_min=m.sigma_min, sigma_max=m.sigma_max, N=m.num_scales),
+        "vpsde": dict(beta_min=m.beta_min, beta_max=m.beta_max, N=m.num_scales),
+        "subvpsde": dict(beta_min=m.beta_min, beta_max=m.beta_max, N=m.num_scales),
+        "edm": dict(sigma_min=m.sigma_min, sigma_max=m.sigma_max),
+        "cosine": dict(s=m.cosine_s),
+        "rectified_flow": {},
+    }.get(name)
+    if kwargs is None:
+        raise ConfigError(f"training.sde = {config.training.sde!r} is not allowed; valid: {', '.join(sde_lib.SDES)}")
+    if m.T and name != "edm":
+        kwargs["T"] = m.T
+    if m.sampling_eps and name != "edm":
+        kwargs["t_min"] = m.sampling_eps
+    try:
+        return sde_lib.get_sde(name, **kwargs)
+    except ValueError as e:
+        raise ConfigError(f"config.model (SDE {name!r}): {e}") from None
+
+
+def build_parametrization(config) -> param_lib.Parametrization:
+    """``model.output`` / ``model.noise_cond``; empty means score_sde's convention for the SDE
+    (and EDM's preconditioning for ``training.sde = 'edm'``)."""
+    m, t = config.model, config.training
+    name = t.sde.lower()
+    if not m.output and not m.noise_cond:
+        if name == "edm":
+            return param_lib.edm_parametrization(m.sigma_data)
+        try:
+            return param_lib.score_sde_parametrization(name, continuous=t.continuous, num_scales=m.num_scales)
+        except ValueError:
+            raise ConfigError(
+                f"training.sde = {t.sde!r} has no score_sde convention: set model.output (one of "
+                f"{', '.join(param_lib.OUTPUTS)}) and model.noise_cond (one of {', '.join(param_lib.NOISE_CONDITIONINGS)})"
+            ) from None
+    if not (m.output and m.noise_cond):
+        raise ConfigError("set both model.output and model.noise_cond, or neither (score_sde's convention)")
+    try:
+        return param_lib.Parametrization(
+            output=m.output,
+            noise_cond=m.noise_cond,
+            input_scaling="edm" if m.output == "edm" else "none",
+            sigma_data=m.sigma_data,
+            num_scales=m.num_scales,
+        )
+    except ValueError as e:
+        raise ConfigError(f"config.model: {e}") from None
+
+
+def make_model_fn(module, *, train: bool, class_dropout: float = 0.0, null_label: int | None = None):
+    """Adapt a network ``module.apply(variables, x, labels, class_labels=, context=, train=, rngs=)``
+    to the losses' ``model_fn(params, x, c_noise, cond, key)``. With ``class_dropout`` > 0, class
+    labels are replaced by the null label with that probability (classifier-free guidance
+    training, Ho & Salimans 2022)."""
+
+    def model_fn(params, x, c_noise, cond, key):
+        labels = cond.get("label")
+        k_drop, k_cfg = jax.random.split(key)
+        if labels is not None and class_dropout > 0 and train:
+            if null_label is None:
+                raise ValueError("class_dropout needs the model's null label")
+            drop = jax.random.bernoulli(k_cfg, class_dropout, labels.shape)
+            labels = jnp.where(drop, null_label, labels)
+        kwargs = {}
+        if labels is not None and null_label is not None:
+            kwargs["class_labels"] = labels
+        if "context" in cond:
+            kwargs["context"] = cond["context"]
+        return module.apply({"params": params}, x, c_noise, train=train, rngs={"dropout": k_drop}, **kwargs)
+
+    return model_fn
+
+
+def build_loss(config, *, model_fn: Callable, sde: sde_lib.SDE, parametrization: param_lib.Parametrization):
+    """score_sde's ``get_step_fn`` choice: continuous DSM for any linear SDE; discrete SMLD for
+    VE and DDPM for VP when ``training.continuous`` is False."""
+    t = config.training
+    if not t.continuous:
+        name = t.sde.lower()
+        if name == "vesde":
+            return losses_lib.smld_loss_fn(model_fn, sde, reduce_mean=t.reduce_mean)
+        if name == "vpsde":
+            return losses_lib.ddpm_loss_fn(model_fn, sde, reduce_mean=t.reduce_mean)
+        raise ConfigError(
+            f"training.continuous = False (discrete training) is defined for vesde (SMLD) and vpsde "
+            f"(DDPM), not {t.sde!r}"
+        )
+    weighting = "likelihood" if t.likelihood_weighting else t.weighting
+    name = t.time_sampler
+    if name == "lognormal":
+        sampler = losses_lib.LogNormalSigma(p_mean=t.p_mean, p_std=t.p_std)
+    elif name in ("uniform", "stratified", "importance"):
+        sampler = losses_lib.get_time_sampler(name, t_min=t.eps)
+    else:
+        raise ConfigError(f"training.time_sampler = {name!r} is not allowed; valid: {', '.join(losses_lib.TIME_SAMPLERS)}")
+    try:
+        return losses_lib.dsm_loss_fn(
+            model_fn, sde, parametrization, weighting=weighting, time_sampler=sampler,
+            reduce_mean=t.reduce_mean, sigma_data=config.model.sigma_data, min_snr_gamma=t.min_snr_gamma,
+        )
+    except ValueError as e:
+        raise ConfigError(f"config.training: {e}") from None
+
+
+def build_optimizer(config):
+    o = config.optim
+    return make_optimizer(optimizer=o.optimizer, lr=o.lr, beta1=o.beta1, beta2=o.beta2, eps=o.eps,
+                          weight_decay=o.weight_decay, warmup=o.warmup, grad_clip=o.grad_clip)
+
+
+def learning_rate_fn(config) -> Callable:
+    o = config.optim
+    if o.warmup > 0:
+        return lambda step: o.lr * jnp.minimum(step.astype(jnp.float32) / o.warmup, 1.0)
+    return lambda step: jnp.asarray(o.lr, jnp.float32)
