@@ -73,6 +73,9 @@ with registered.skip_registration():
                     }
                 ),
                 supervised_keys=("image", "label"),
+                # Keep scikit-learn's order in the files (TFDS otherwise permutes by key hash),
+                # so example i of a split is the same image on every machine and version.
+                disable_shuffling=True,
                 homepage="https://archive.ics.uci.edu/dataset/80",
                 metadata=tfds.core.MetadataDict(num_levels=NUM_LEVELS),
             )

@@ -282,6 +282,18 @@ class DataIterator(Iterator[Batch]):
     def __iter__(self) -> "DataIterator":
         return self
 
+    def close(self) -> None:
+        """Stop Grain's reading threads and worker processes (also on leaving a ``with``)."""
+        close = getattr(self._iterator, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "DataIterator":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     def get_state(self) -> dict[str, Any]:
         return {"pipeline": self._fingerprint, "grain": self._iterator.get_state()}
 
@@ -294,6 +306,17 @@ class DataIterator(Iterator[Batch]):
                 f"point at other data:\n  saved:   {state['pipeline']}\n  current: {self._fingerprint}"
             )
         self._iterator.set_state(state["grain"])
+
+
+def _allow_grain_flag_defaults() -> None:
+    """Grain <= 0.2.18 reads an Abseil flag in its worker processes and fails with
+    ``UnparsedFlagAccessError`` unless flags were parsed, which only ``absl.app`` programs do
+    (google/grain#1355, fixed upstream by reading the default). Marking the flags parsed, when
+    nothing parsed them yet, makes every flag read its default, as the fix does."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def _to_iterator(
@@ -310,6 +333,7 @@ def _to_iterator(
             raise ValueError(f"{key} must be a non-negative integer, got {value!r}")
     iter_ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
     if num_workers > 0:
+        _allow_grain_flag_defaults()
         iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return iter_ds
 
