@@ -219,14 +219,16 @@ def test_eval_sees_every_example_exactly_once(shard_count, batch_size):
     source = _source()
     seen, counts = [], set()
     for shard in range(shard_count):
-        it = data.eval_iterator(source, batch_size=batch_size, shard_index=shard, shard_count=shard_count)
+        it = data.eval_iterator(source, batch_size=batch_size, shard_index=shard, shard_count=shard_count,
+                                centered=True, uniform_dequantization=True)
         batches = list(it)
         assert len(batches) == it.num_batches
         counts.add(it.num_batches)
         for b in batches:
             assert b["image"].shape == (batch_size // shard_count, 4, 6, 3)  # fixed shape
             assert b["mask"].dtype == bool
-            assert np.all(b["image"][~b["mask"]] == 0)  # padding is zeros
+            assert np.all(b["image"][~b["mask"]] == 0)  # padding is zeros, even when centred
+            assert np.all(b["label"][~b["mask"]] == 0)
             seen.append(b["label"][b["mask"]])
     assert len(counts) == 1  # every host runs the same number of steps
     seen = np.concatenate(seen)
@@ -278,6 +280,8 @@ def test_invalid_arguments_are_named():
         _train(source, batch_size=4, random_flip="yes")
     with pytest.raises(ValueError, match="do not fill one batch"):
         _train(source, batch_size=200, num_epochs=1)
+    with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+        _eval(source, batch_size=4, seed=-1)
     with pytest.raises(ValueError, match="num_workers must be a non-negative integer"):
         _train(source, batch_size=4, num_workers=-1)
 

@@ -29,6 +29,7 @@ import dataclasses
 import math
 import os
 import sys
+import threading
 from typing import Any, Iterator
 
 import grain
@@ -67,6 +68,12 @@ def _per_host_batch(batch_size: int, shard_count: int) -> int:
             f"(shard_count={shard_count}); use a multiple of {shard_count}"
         )
     return batch_size // shard_count
+
+
+def _check_seed(seed: int) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return int(seed)
 
 
 def _seed(*parts: int) -> int:
@@ -170,16 +177,18 @@ class _ShuffledBatch:
         self.batch_size = batch_size
         self.seed = seed
         self._permutations: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()  # Grain's read threads share this object
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        perm = self._permutations.get(epoch)
-        if perm is None:
-            perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.own))
-            # A batch spans at most two epochs; keep the latest few (threads may interleave).
-            if len(self._permutations) >= 4:
-                self._permutations.pop(min(self._permutations))
-            self._permutations[epoch] = perm
-        return perm
+        with self._lock:
+            perm = self._permutations.get(epoch)
+            if perm is None:
+                perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.own))
+                # A batch spans at most two epochs; keep the latest few (threads interleave).
+                if len(self._permutations) >= 4:
+                    del self._permutations[min(self._permutations)]
+                self._permutations[epoch] = perm
+            return perm
 
     def __call__(self, batch_number: int) -> np.ndarray:
         positions = batch_number * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
@@ -221,16 +230,15 @@ class _LoadBatch:
     def __call__(self, indices: np.ndarray, rng: np.random.Generator) -> Batch:
         indices = np.asarray(indices, np.int64)
         valid = indices >= 0
-        batch = self.source.get_batch(indices[valid])
+        batch = self.preprocess(self.source.get_batch(indices[valid]), rng)
         if not valid.all():
-            # Padding rows are zeros (then mapped like real pixels); only the mask tells them apart.
+            # Padding rows are all zeros (image 0, label 0); only the mask tells them apart.
             padded = {}
             for key, value in batch.items():
                 full = np.zeros((len(indices), *value.shape[1:]), value.dtype)
                 full[valid] = value
                 padded[key] = full
             batch = padded
-        batch = self.preprocess(batch, rng)
         if self.with_mask:
             batch["mask"] = valid
         return batch
@@ -377,6 +385,7 @@ def train_iterator(
     """
     shard_index, shard_count = resolve_shard(shard_index, shard_count)
     per_host = _per_host_batch(batch_size, shard_count)
+    seed = _check_seed(seed)
     if num_epochs is not None and (
         isinstance(num_epochs, bool) or not isinstance(num_epochs, (int, np.integer)) or num_epochs < 1
     ):
@@ -438,8 +447,9 @@ def eval_iterator(
 ) -> DataIterator:
     """One pass over this host's shard, in order, every example exactly once.
 
-    Every batch has the same shape: the last ones are padded with zero examples and carry
-    ``batch['mask']`` (bool ``(b,)``, False for padding; present on every eval batch), so a
+    Every batch has the same shape: the last ones are padded with all-zero rows (image 0,
+    label 0, also when centred) and every batch carries ``batch['mask']`` (bool ``(b,)``, False
+    for padding), so a
     jitted evaluation step compiles once. All hosts yield the same number of batches,
     ``ceil(ceil(N / shard_count) / b)``, so multi-host evaluation stays in lock-step; sum
     per-example results weighted by the mask.
@@ -450,6 +460,7 @@ def eval_iterator(
     """
     shard_index, shard_count = resolve_shard(shard_index, shard_count)
     per_host = _per_host_batch(batch_size, shard_count)
+    seed = _check_seed(seed)
     preprocess, info = _make_preprocess(
         source.info,
         random_flip=False,
