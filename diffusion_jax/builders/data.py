@@ -56,7 +56,6 @@ DATA_DEFAULTS: dict[str, Any] = {
     # TensorFlow), so only an empty value is accepted.
     "tfrecords_path": None,
 }
-_IMAGE_KEYS = ("image_size", "num_channels", "random_flip", "centered", "uniform_dequantization", "num_levels")
 _SPLITS = ("train", "eval")
 
 
@@ -177,7 +176,9 @@ def build_data(
     batch_key = "eval" if evaluation else "training"
     if batch_key not in config or "batch_size" not in config[batch_key]:
         raise ValueError(f"config.{batch_key}.batch_size (the global batch size) is required")
-    batch_size = _check_int(config[batch_key].batch_size, f"config.{batch_key}.batch_size", minimum=1, optional=False)
+    batch_size = _check_int(
+        config[batch_key].batch_size, f"config.{batch_key}.batch_size", minimum=1, optional=False
+    )
     seed = _seed(config, d) if seed is None else _check_int(seed, "seed", minimum=0, optional=False)
     options: dict[str, Any] = {}
     if not toy:
@@ -185,7 +186,9 @@ def build_data(
             options[key] = _check_bool(d, key)
         if uniform_dequantization is not None:
             options["uniform_dequantization"] = uniform_dequantization
-        options["num_levels"] = _check_int(d["num_levels"], "config.data.num_levels", minimum=2, optional=True)
+        options["num_levels"] = _check_int(
+            d["num_levels"], "config.data.num_levels", minimum=2, optional=True
+        )
     num_threads = _check_int(d["num_threads"], "config.data.num_threads", minimum=0, optional=True)
     num_workers = _check_int(d["num_workers"], "config.data.num_workers", minimum=0, optional=False)
     common = dict(

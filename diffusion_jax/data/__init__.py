@@ -1,11 +1,11 @@
 """Data: TFDS data sets without TensorFlow, image folders and toy distributions, through Grain.
 
     >>> from diffusion_jax import data
-    >>> source = data.load("digits", split="train")           # prepares the digits on first use
+    >>> source = data.load("digits", split="train")  # prepares the digits on first use
     >>> it = data.train_iterator(source, batch_size=128, seed=0, centered=True)
-    >>> batch = next(it)                                       # {'image': (128, 8, 8, 1) float32, 'label': (128,) int32}
-    >>> state = it.get_state()                                 # save with the checkpoint ...
-    >>> it.set_state(state)                                    # ... and resume at that position
+    >>> batch = next(it)              # {'image': (128, 8, 8, 1) float32, 'label': (128,) int32}
+    >>> state = it.get_state()         # save with the checkpoint ...
+    >>> it.set_state(state)            # ... and resume at that position
 
 Modules: :mod:`~diffusion_jax.data.datasets` (the ``DATASETS`` registry and :func:`load`),
 :mod:`~diffusion_jax.data.pipeline` (Grain iterators), :mod:`~diffusion_jax.data.transforms`,
@@ -22,8 +22,20 @@ from diffusion_jax.data.datasets import (
 )
 from diffusion_jax.data.digits import DigitsBuilder, default_data_dir, prepare_digits
 from diffusion_jax.data.info import DataInfo
-from diffusion_jax.data.pipeline import DataIterator, Preprocess, eval_iterator, resolve_shard, train_iterator
-from diffusion_jax.data.sources import ArraySource, FolderSource, Source, TfdsSource, UnreadableImageError
+from diffusion_jax.data.pipeline import (
+    DataIterator,
+    Preprocess,
+    eval_iterator,
+    resolve_shard,
+    train_iterator,
+)
+from diffusion_jax.data.sources import (
+    ArraySource,
+    FolderSource,
+    Source,
+    TfdsSource,
+    UnreadableImageError,
+)
 from diffusion_jax.data.toys import TOYS
 
 __all__ = [

@@ -75,7 +75,9 @@ class LoadOptions:
 
     @property
     def resolved_data_dir(self) -> str:
-        return os.fspath(pathlib.Path(self.data_dir).expanduser()) if self.data_dir else digits_lib.default_data_dir()
+        if not self.data_dir:
+            return digits_lib.default_data_dir()
+        return os.fspath(pathlib.Path(self.data_dir).expanduser())
 
 
 class Spec(Protocol):
@@ -166,7 +168,10 @@ def _open_tfds(tfds_name: str, splits: dict[str, str], data_dir: str) -> dict[st
         if "array_record" in formats:
             raise  # prepared correctly: the problem is something else (e.g. a bad split name)
         if formats:
-            found = f"it is prepared there as {', '.join(sorted(formats))}, which needs TensorFlow to read"
+            found = (
+                f"it is prepared there as {', '.join(sorted(formats))}, which needs "
+                f"TensorFlow to read"
+            )
         else:
             found = f"no prepared copy is in data_dir={data_dir!r}"
         raise DatasetNotPreparedError(
@@ -215,7 +220,8 @@ class TfdsImages:
             )
         if category not in _lsun_categories():
             raise ValueError(
-                f"{self.tfds_name}: unknown category {category!r}; valid: {', '.join(_lsun_categories())}"
+                f"{self.tfds_name}: unknown category {category!r}; valid: "
+                f"{', '.join(_lsun_categories())}"
             )
         return f"{self.tfds_name}/{category}"
 
@@ -241,7 +247,8 @@ class TfdsImages:
             eval_split=self.eval_split,
         )
         geometry = functools.partial(_GEOMETRIES[self.geometry], size=size, max_level=levels - 1)
-        return TfdsSource(records["chosen"], geometry=geometry, has_labels=self.num_classes is not None, info=info)
+        has_labels = self.num_classes is not None
+        return TfdsSource(records["chosen"], geometry=geometry, has_labels=has_labels, info=info)
 
 
 @functools.cache
@@ -259,8 +266,8 @@ class Digits:
         _check_channels(options.num_channels, 1, "digits")
         data_dir = digits_lib.prepare_digits(options.resolved_data_dir)
         spec = TfdsImages("digits", "train", "test", 8, 1, "resize", num_classes=10)
-        source = spec.load(split=split, options=dataclasses.replace(options, image_size=size, data_dir=data_dir))
-        return source.to_memory()
+        options = dataclasses.replace(options, image_size=size, data_dir=data_dir)
+        return spec.load(split=split, options=options).to_memory()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,7 +345,9 @@ DATASETS: dict[str, Spec] = {
     "cifar10": TfdsImages("cifar10", "train", "test", 32, 3, "resize", num_classes=10),
     "svhn_cropped": TfdsImages("svhn_cropped", "train", "test", 32, 3, "resize", num_classes=10),
     "celeb_a": TfdsImages("celeb_a", "train", "validation", 64, 3, "celeba", num_classes=None),
-    "lsun": TfdsImages("lsun", "train", "validation", 256, 3, "lsun", num_classes=None, needs_category=True),
+    "lsun": TfdsImages(
+        "lsun", "train", "validation", 256, 3, "lsun", num_classes=None, needs_category=True
+    ),
     "mnist": TfdsImages("mnist", "train", "test", 28, 1, "resize", num_classes=10),
     "fashion_mnist": TfdsImages("fashion_mnist", "train", "test", 28, 1, "resize", num_classes=10),
     "folder": ImageFolder(),

@@ -104,7 +104,9 @@ class Preprocess:
         if self.stored_levels is None:
             image = image.astype(np.float32, copy=False)
         else:
-            image = transforms.requantize(image, from_levels=self.stored_levels, to_levels=self.num_levels)
+            image = transforms.requantize(
+                image, from_levels=self.stored_levels, to_levels=self.num_levels
+            )
             if self.random_flip:
                 image = transforms.random_flip_left_right(image, rng)
             if self.uniform_dequantization:
@@ -144,7 +146,8 @@ def _make_preprocess(
             )
         return Preprocess(stored_levels=None, num_levels=None), info
     levels = info.num_levels if num_levels is None else num_levels
-    if isinstance(levels, bool) or not isinstance(levels, (int, np.integer)) or not 2 <= levels <= info.num_levels:
+    is_int = isinstance(levels, (int, np.integer)) and not isinstance(levels, bool)
+    if not is_int or not 2 <= levels <= info.num_levels:
         raise ValueError(
             f"num_levels must be an integer between 2 and {info.num_levels} (the levels of "
             f"{info.name}), got {num_levels!r}"
@@ -328,7 +331,12 @@ def _allow_grain_flag_defaults() -> None:
 
 
 def _to_iterator(
-    dataset: grain.MapDataset, source: Source, *, num_threads: int | None, prefetch: int | None, num_workers: int
+    dataset: grain.MapDataset,
+    source: Source,
+    *,
+    num_threads: int | None,
+    prefetch: int | None,
+    num_workers: int,
 ) -> grain.IterDataset:
     if num_threads is None:
         # Decoding and resizing (Pillow releases the GIL) parallelise over threads; gathering
@@ -336,10 +344,13 @@ def _to_iterator(
         num_threads = 0 if getattr(source, "in_memory", False) else min(8, os.cpu_count() or 1)
     if prefetch is None:
         prefetch = max(2, 2 * num_threads)
-    for key, value in (("num_threads", num_threads), ("prefetch", prefetch), ("num_workers", num_workers)):
+    for key, value in (
+        ("num_threads", num_threads), ("prefetch", prefetch), ("num_workers", num_workers)
+    ):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
             raise ValueError(f"{key} must be a non-negative integer, got {value!r}")
-    iter_ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
+    read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+    iter_ds = dataset.to_iter_dataset(read_options)
     if num_workers > 0:
         _allow_grain_flag_defaults()
         iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
@@ -411,7 +422,8 @@ def train_iterator(
                 f"do not fill one batch of {per_host}"
             )
     length = sys.maxsize if num_batches is None else num_batches
-    dataset = grain.MapDataset.range(length).map(_ShuffledBatch(own, batch_size=per_host, seed=_seed(seed, 0)))
+    batches = _ShuffledBatch(own, batch_size=per_host, seed=_seed(seed, 0))
+    dataset = grain.MapDataset.range(length).map(batches)
     dataset = dataset.random_map(
         _LoadBatch(source, preprocess, with_mask=False), seed=_seed(seed, 1, shard_index)
     )
@@ -420,7 +432,9 @@ def train_iterator(
         f"shard={shard_index}/{shard_count}"
     )
     return DataIterator(
-        _to_iterator(dataset, source, num_threads=num_threads, prefetch=prefetch, num_workers=num_workers),
+        _to_iterator(
+            dataset, source, num_threads=num_threads, prefetch=prefetch, num_workers=num_workers
+        ),
         info=info,
         batch_size=per_host,
         global_batch_size=batch_size,
@@ -477,9 +491,13 @@ def eval_iterator(
     dataset = dataset.random_map(
         _LoadBatch(source, preprocess, with_mask=True), seed=_seed(seed, 2, shard_index)
     )
-    fingerprint = f"eval {info.name} n={n} batch={batch_size} seed={seed} shard={shard_index}/{shard_count}"
+    fingerprint = (
+        f"eval {info.name} n={n} batch={batch_size} seed={seed} shard={shard_index}/{shard_count}"
+    )
     return DataIterator(
-        _to_iterator(dataset, source, num_threads=num_threads, prefetch=prefetch, num_workers=num_workers),
+        _to_iterator(
+            dataset, source, num_threads=num_threads, prefetch=prefetch, num_workers=num_workers
+        ),
         info=info,
         batch_size=per_host,
         global_batch_size=batch_size,

@@ -61,7 +61,9 @@ class ArraySource:
         if labels is not None and len(labels) != len(images):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         if tuple(images.shape[1:]) != tuple(info.shape):
-            raise ValueError(f"examples of shape {images.shape[1:]} do not match info.shape {info.shape}")
+            raise ValueError(
+                f"examples of shape {images.shape[1:]} do not match info.shape {info.shape}"
+            )
         self.images = images
         self.labels = None if labels is None else np.asarray(labels, np.int32)
         self.info = info
@@ -169,8 +171,8 @@ def scan_image_folder(folder: str | os.PathLike) -> tuple[list[str], list[int] |
                 labels.append(label)
         return paths, labels, [d.name for d in class_dirs]
     raise ValueError(
-        f"folder_path={os.fspath(root)!r} contains no images (extensions {', '.join(IMAGE_EXTENSIONS)}), "
-        f"neither directly nor in class subfolders"
+        f"folder_path={os.fspath(root)!r} contains no images (extensions "
+        f"{', '.join(IMAGE_EXTENSIONS)}), neither directly nor in class subfolders"
     )
 
 
