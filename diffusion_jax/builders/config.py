@@ -12,6 +12,7 @@ import difflib
 from typing import Any, Callable, Iterable
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 __all__ = ["ConfigError", "default_config", "validate_config", "config_to_dict", "config_diff"]
 
@@ -94,8 +95,8 @@ def default_config() -> ml_collections.ConfigDict:
     evaluate.bpd_dequantization_draws = 1
 
     config.data = data = ml_collections.ConfigDict()
-    data.dataset = "digits"
-    data.data_dir = ""  # "" : $DIFFUSION_JAX_DATA_DIR or ~/tensorflow_datasets
+    data.dataset = "digits"  # data.DATASETS (case-insensitive; score_sde's CIFAR10, SVHN, CELEBA, LSUN too)
+    data.data_dir = ""  # "" : $DIFFUSION_JAX_DATA_DIR or TFDS's default
     data.image_size = 8
     data.num_channels = 1
     data.random_flip = False
@@ -103,8 +104,12 @@ def default_config() -> ml_collections.ConfigDict:
     data.uniform_dequantization = False
     data.category = ""  # LSUN category
     data.folder_path = ""  # image-folder data set
-    data.num_workers = 0
-    data.toy_dim = 2
+    data.num_levels = placeholder(int)  # requantise to fewer grey levels (None: the data's own)
+    data.seed = placeholder(int)  # None: config.seed
+    data.num_threads = placeholder(int)  # Grain read threads (None: automatic)
+    data.num_workers = 0  # Grain worker processes
+    data.shuffle_buffer = placeholder(int)  # accepted for score_sde configs; epochs are exact permutations
+    data.tfrecords_path = ""  # score_sde's FFHQ / CelebA-HQ: not supported (needs TensorFlow)
 
     config.model = model = ml_collections.ConfigDict()
     model.name = "ncsnpp"

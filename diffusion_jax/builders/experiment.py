@@ -52,8 +52,8 @@ INCOMPATIBLE_KEYS = (
 
 
 def registries() -> dict[str, list[str]]:
-    """Valid names for the config's name-valued keys, from the library's literal registries."""
-    from diffusion_jax import data as data_lib
+    """Valid names for the config's name-valued keys, from the library's literal registries.
+    (Data set names are checked by the data builder, which also knows LSUN categories.)"""
     from diffusion_jax import losses as losses_lib
     from diffusion_jax import models as models_lib
     from diffusion_jax import samplers as samplers_lib
@@ -63,7 +63,6 @@ def registries() -> dict[str, list[str]]:
         "sde": list(sde_lib.SDES),
         "model": list(models_lib.MODELS),
         "sampler": list(samplers_lib.SAMPLERS),
-        "dataset": list(data_lib.DATASETS) + list(getattr(data_lib, "ALIASES", {})),
         "weighting": list(losses_lib.WEIGHTINGS),
         "time_sampler": list(losses_lib.TIME_SAMPLERS),
         "output": list(param_lib.OUTPUTS),
@@ -73,10 +72,6 @@ def registries() -> dict[str, list[str]]:
         if hasattr(samplers_lib, attr):
             reg[key] = list(getattr(samplers_lib, attr))
     return reg
-
-
-def _dataset_names_ok(config) -> None:
-    """LSUN names carry a category (``lsun/bedroom``); accept them by their prefix."""
 
 
 @dataclasses.dataclass
@@ -223,8 +218,8 @@ def train(config, workdir, *, stop_after: int | None = None) -> loop_lib.RunSumm
     """Train from ``config`` into ``workdir``, resuming from its newest checkpoint."""
     from diffusion_jax.builders.data import build_data
 
-    _validate(config)
     _maybe_initialize_distributed(config)
+    _validate(config)
     workdir = _prepare_workdir(workdir)
     check_workdir_config(config, workdir)
     primary = jax.process_index() == 0
@@ -375,8 +370,8 @@ def evaluate(config, workdir) -> dict:
     eval split, samples, and bits/dim; results go to ``<workdir>/eval/``."""
     from diffusion_jax.builders.data import build_data
 
-    _validate(config)
     _maybe_initialize_distributed(config)
+    _validate(config)
     workdir = pathlib.Path(workdir)
     check_workdir_config(config, workdir)
     steps = _checkpoint_steps(workdir) if (workdir / "checkpoints").exists() else []

@@ -1,0 +1,81 @@
+"""Command line: ``diffusion-jax {train,eval,sample} --config CONFIG.py --workdir DIR [overrides]``.
+
+Overrides use ml_collections' syntax, e.g. ``--config.training.batch_size=64``. The command
+parses flags and calls :mod:`diffusion_jax.builders.experiment`; configuration problems are
+printed as one message (exit status 2), not a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+MODES = ("train", "eval", "sample")
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/...).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
+flags.DEFINE_integer("num_samples", None, "sample: number of samples (default: config.eval.num_samples).")
+flags.DEFINE_string("out", None, "sample: output path without suffix (writes .npz and .png).")
+flags.DEFINE_integer("step", None, "sample: checkpoint step (default: the newest).")
+flags.DEFINE_integer("stop_after", None, "train: stop (with a checkpoint) after this many steps.")
+flags.DEFINE_string("cache_dir", None, "Persistent compilation cache (default $DIFFUSION_JAX_CACHE or ~/.cache/diffusion_jax/jax).")
+flags.DEFINE_boolean("compilation_cache", True, "Use JAX's persistent compilation cache.")
+
+
+def _usage(msg: str) -> int:
+    print(f"diffusion-jax: {msg}\nusage: diffusion-jax {{{','.join(MODES)}}} --config CONFIG.py --workdir DIR "
+          "[--config.section.key=value ...]", file=sys.stderr)
+    return 2
+
+
+def _run(argv) -> int:
+    if len(argv) != 2 or argv[1] not in MODES:
+        return _usage(f"expected one mode out of {', '.join(MODES)}, got {' '.join(argv[1:]) or 'none'}")
+    if FLAGS.config is None:
+        return _usage("--config is required")
+    if not FLAGS.workdir:
+        return _usage("--workdir is required")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    from diffusion_jax.builders import experiment
+    from diffusion_jax.builders.config import ConfigError
+    from diffusion_jax.training.distributed import compilation_cache
+    from diffusion_jax.training.loop import Preempted, TrainingDiverged
+
+    if FLAGS.compilation_cache:
+        compilation_cache(FLAGS.cache_dir)
+    mode = argv[1]
+    try:
+        if mode == "train":
+            experiment.train(FLAGS.config, FLAGS.workdir, stop_after=FLAGS.stop_after)
+        elif mode == "eval":
+            experiment.evaluate(FLAGS.config, FLAGS.workdir)
+        else:
+            experiment.sample(FLAGS.config, FLAGS.workdir, num_samples=FLAGS.num_samples, out=FLAGS.out, step=FLAGS.step)
+    except ConfigError as e:
+        print(f"diffusion-jax {mode}: {e}", file=sys.stderr)
+        return 2
+    except Preempted as e:
+        print(f"diffusion-jax {mode}: {e}", file=sys.stderr)
+        return 143
+    except TrainingDiverged as e:
+        print(f"diffusion-jax {mode}: training diverged: {e}", file=sys.stderr)
+        return 3
+    except OSError as e:
+        if e.errno == 28:  # ENOSPC
+            print(f"diffusion-jax {mode}: disk full while writing ({e}); the checkpoints already saved are intact",
+                  file=sys.stderr)
+            return 4
+        raise
+    return 0
+
+
+def main() -> None:
+    app.run(lambda argv: sys.exit(_run(argv)))
+
+
+if __name__ == "__main__":
+    main()
