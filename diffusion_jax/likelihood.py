@@ -113,6 +113,7 @@ def log_likelihood(
     max_steps: int = 4096,
     t_min: float | None = None,
     truncation: str = "ignore",
+    prior_logp: Callable[[Array], Array] | None = None,
 ) -> tuple[Array, LikelihoodInfo]:
     """log p(x) in nats for each example of ``x`` (shape ``(B, ...)``).
 
@@ -131,6 +132,7 @@ def log_likelihood(
         ``E[log p_{t_min}(alpha x + sigma e)] + D log alpha(t_min)``, whose decoder
         ``N(x; x_t / alpha, sigma^2 / alpha^2)`` inverts the forward perturbation, a lower bound
         on log p(x) of the model extended to t = 0.
+      prior_logp: ``log p_T(z) -> (B,)``; default ``sde.prior_logp`` (the model's prior).
 
     Returns:
       ``(logp, info)`` with ``logp`` of shape ``(B,)`` and :class:`LikelihoodInfo`.
@@ -163,20 +165,20 @@ def log_likelihood(
     def v_field(y, t):
         t = jnp.broadcast_to(t, (batch,))
         g2 = sde.diffusion_sq(t)
-        return sde.drift(y, t) - 0.5 * broadcast_to_data(g2, y) * score_fn(y, t)
+        return (sde.drift(y, t) - 0.5 * broadcast_to_data(g2, y) * score_fn(y, t)).astype(y.dtype)
 
     div = divergence_fn(v_field, estimator=estimator, probes=probes)
 
     def ode(state, t):
         y, _ = state
         v, dv = div(y, t)
-        return v, dv
+        return v, dv.astype(y.dtype)
 
     n_div = 1 if estimator == "exact" else num_probes
     y0 = (x, jnp.zeros((batch, n_div), dtype))
     (z, delta), stats = odeint(ode, y0, t0, sde.T, solver=solver, rtol=rtol, atol=atol,
                                error_norm=error_norm, max_steps=max_steps)
-    prior = sde.prior_logp(z)
+    prior = (sde.prior_logp if prior_logp is None else prior_logp)(z)
     logp_probes = prior[:, None] + delta + correction[:, None]
     logp = jnp.mean(logp_probes, axis=1)
     if n_div > 1:
@@ -213,8 +215,9 @@ class Discretization(flax.struct.PyTreeNode):
         """-log2(bin width): the bits per dimension added to -log2 p(x) / D."""
         return -math.log2(self.bin_width)
 
-    def dequantize(self, key: Array, levels: Array, dtype=jnp.float32) -> Array:
+    def dequantize(self, key: Array, levels: Array, dtype=None) -> Array:
         lo, _ = self.value_range
+        dtype = dtype or jax.dtypes.canonicalize_dtype(jnp.float64)  # float64 only under x64
         u = jax.random.uniform(key, levels.shape, dtype)
         return lo + self.bin_width * (levels.astype(dtype) + u)
 
