@@ -49,6 +49,7 @@ __all__ = [
     "convert_checkpoint",
     "flax_param_shapes",
     "count_params",
+    "load_score_sde_flax_params",
 ]
 
 BUFFERS = ("sigmas",)  # registered buffers of score_sde's networks (not parameters)
@@ -346,10 +347,15 @@ def _scheme(module: nn.Module):
 
 
 def torch_to_flax_mapping(
-    module: nn.Module, torch_shapes: Mapping[str, Sequence[int]], input_shape: Sequence[int]
+    module: nn.Module,
+    torch_shapes: Mapping[str, Sequence[int]],
+    input_shape: Sequence[int],
+    *,
+    structure: tuple[dict, list[str]] | None = None,
 ) -> list[TensorMapping]:
     """Pairs every PyTorch tensor (``{name: shape}``, buffers allowed) with one Flax leaf of
     ``module`` (initialised for inputs of ``input_shape``) and checks the shapes.
+    ``structure`` may pass a precomputed :func:`flax_param_shapes` result.
 
     Raises :class:`ConversionError` naming the first PyTorch entry and Flax path that disagree.
     """
@@ -362,7 +368,7 @@ def torch_to_flax_mapping(
     plan_fn, unused_fn = _scheme(module)
     is_unused = unused_fn(module)
     names = [n for n in torch_shapes if not is_unused(n)]
-    params, order = flax_param_shapes(module, input_shape)
+    params, order = structure if structure is not None else flax_param_shapes(module, input_shape)
     flat = {tuple(k): v for k, v in traverse_util.flatten_dict(params).items()}
     tops_with_params = [name for name in order if name in params]
     plan, torch_units, flax_units = plan_fn(module, names, tops_with_params)
@@ -434,3 +440,52 @@ def convert_checkpoint(
     """``params`` from a score_sde_pytorch checkpoint dict (or bare state dict); ``ema=True``
     takes the exponential-moving-average weights."""
     return convert_state_dict(module, state_dict_from_checkpoint(checkpoint, ema=ema), input_shape=input_shape)
+
+
+# --------------------------------------------------------------------------------------------
+# score_sde (JAX) checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def load_score_sde_flax_params(
+    module: nn.Module, state: Mapping[str, Any], *, input_shape: Sequence[int], ema: bool = True
+) -> dict:
+    """``params`` from a restored score_sde (JAX) training state.
+
+    ``state`` is the nested dict that ``flax.serialization.msgpack_restore`` returns for a
+    ``flax.training.checkpoints`` file of score_sde: ``{'step', 'optimizer': {'target': params,
+    'state': ...}, 'lr', 'model_state', 'ema_rate', 'params_ema', 'rng'}``. ``ema=True`` takes
+    ``params_ema``, otherwise ``optimizer.target``. A bare params tree is accepted too.
+
+    The tree must match ``module``'s exactly (same submodule names and shapes); InstanceNorm++
+    parameters stored as ``(1, 1, 1, C)`` are reshaped to our ``(C,)``. See
+    ``docs/score_sde_jax_checkpoints.md`` for which networks this covers.
+    """
+    if "params_ema" in state or "optimizer" in state:
+        key = "params_ema" if ema else "optimizer"
+        if key not in state:
+            raise ConversionError(f"the restored state has no {key!r} entry; keys: {sorted(state)}")
+        tree = state["params_ema"] if ema else state["optimizer"].get("target")
+        if tree is None:
+            raise ConversionError("the restored state's 'optimizer' entry has no 'target' (the parameters)")
+    else:
+        tree = state
+    expected, _ = flax_param_shapes(module, input_shape)
+    want = {tuple(k): v for k, v in traverse_util.flatten_dict(expected).items()}
+    got = {tuple(k): np.asarray(v) for k, v in traverse_util.flatten_dict(dict(tree)).items()}
+    for path in got:
+        if path not in want:
+            raise ConversionError(f"checkpoint parameter {'/'.join(path)!r} does not exist in {type(module).__name__}")
+    out = {}
+    for path, leaf in want.items():
+        if path not in got:
+            raise ConversionError(f"{type(module).__name__} parameter {'/'.join(path)!r} is missing from the checkpoint")
+        value = got[path]
+        if value.shape != tuple(leaf.shape) and value.size == int(np.prod(leaf.shape)) and value.shape[:-1] == (1, 1, 1):
+            value = value.reshape(leaf.shape)  # score_sde's InstanceNorm++ keeps (1, 1, 1, C)
+        if value.shape != tuple(leaf.shape):
+            raise ConversionError(
+                f"shape mismatch for {'/'.join(path)!r}: checkpoint {value.shape}, network {tuple(leaf.shape)}"
+            )
+        out[path] = value.astype(leaf.dtype)
+    return traverse_util.unflatten_dict(out)
