@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-__all__ = ["ConfigError", "default_config", "validate_config", "config_to_dict", "config_diff"]
+__all__ = ["ConfigError", "default_config", "validate_config", "config_to_dict", "config_diff", "load_config"]
 
 
 class ConfigError(ValueError):
@@ -170,6 +170,22 @@ def default_config() -> ml_collections.ConfigDict:
     dist.process_id = -1
     dist.initialization_timeout = 300
     return config
+
+
+def load_config(path: str, relative_to: str | None = None) -> ml_collections.ConfigDict:
+    """``get_config()`` of the config file at ``path`` (relative to the file ``relative_to``,
+    e.g. ``__file__``): how a variant config starts from its base without import paths."""
+    import os
+    import runpy
+
+    if relative_to is not None:
+        path = os.path.join(os.path.dirname(os.path.abspath(relative_to)), path)
+    if not os.path.exists(path):
+        raise ConfigError(f"config file {path} does not exist")
+    module = runpy.run_path(path)
+    if "get_config" not in module:
+        raise ConfigError(f"config file {path} defines no get_config()")
+    return module["get_config"]()
 
 
 # --------------------------------------------------------------------------------------------
