@@ -150,7 +150,7 @@ def default_config() -> ml_collections.ConfigDict:
     model.nonlinearity = "swish"
     model.num_classes = 0  # > 0: class-conditional with a reserved null label
     model.cross_attn_resolutions = ()
-    model.context_dim = 0
+    model.context_dim = placeholder(int)  # None: no cross-attention context; else >= 1
     model.remat = False
     model.dtype = "float32"  # compute dtype; parameters stay float32
 
