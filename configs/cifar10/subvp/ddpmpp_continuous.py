@@ -1,0 +1,14 @@
+"""diffusion-jax train --config configs/cifar10/subvp/ddpmpp_continuous.py --workdir runs/cifar10_subvp_ddpmpp_continuous
+
+DDPM++ (continuous time) with the sub-VP SDE: score_sde's
+configs/subvp/cifar10_ddpmpp_continuous.py. Identical to configs/cifar10/vp/ddpmpp_continuous.py
+except for the SDE.
+"""
+
+from diffusion_jax.builders.config import load_config
+
+
+def get_config():
+    config = load_config("../vp/ddpmpp_continuous.py", relative_to=__file__)
+    config.training.sde = "subvpsde"
+    return config
