@@ -1,5 +1,6 @@
 """diffusion_jax: score-based diffusion models in JAX/Flax."""
 
 from diffusion_jax import sde
+from diffusion_jax.samplers import sample
 
 __version__ = "0.1.0"

@@ -161,8 +161,9 @@ class SDE(flax.struct.PyTreeNode):
         self._no_marginals("t_from_log_snr()")
 
     def discretize(self, x: Array, t: Array, dt: Array) -> tuple[Array, Array]:
-        """One Euler-Maruyama increment: ``(f(x, t) dt, g(t) sqrt(|dt|))``."""
-        return self.drift(x, t) * dt, self.diffusion(t) * jnp.sqrt(jnp.abs(dt))
+        """One Euler-Maruyama increment: ``(f(x, t) dt, g(t) sqrt(|dt|))``. ``dt`` is a scalar or,
+        like ``t``, per example (shape a prefix of ``x.shape``)."""
+        return self.drift(x, t) * broadcast_to_data(dt, x), self.diffusion(t) * jnp.sqrt(jnp.abs(dt))
 
     def reverse(self, score_fn: ScoreFn, *, probability_flow: bool = False) -> "ReverseSDE":
         """The reverse-time SDE (Anderson 1982; Song et al. 2021, eq. 6) or, with
