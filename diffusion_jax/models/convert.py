@@ -143,7 +143,7 @@ def state_dict_from_checkpoint(checkpoint: Mapping[str, Any], *, ema: bool = Fal
     if "ema" not in checkpoint or "shadow_params" not in checkpoint["ema"]:
         raise ConversionError("ema=True but the checkpoint has no 'ema' entry with 'shadow_params'")
     shadow = [np.asarray(p) for p in checkpoint["ema"]["shadow_params"]]
-    trainable = [n for n in state if n not in BUFFERS and not _is_fourier_w(n, state[n])]
+    trainable = [n for n in state if n not in BUFFERS and not _is_fourier_w(n, np.ndim(state[n]))]
     if len(shadow) != len(trainable):
         raise ConversionError(
             f"the EMA holds {len(shadow)} tensors but the model has {len(trainable)} trainable entries "
@@ -160,9 +160,9 @@ def state_dict_from_checkpoint(checkpoint: Mapping[str, Any], *, ema: bool = Fal
     return out
 
 
-def _is_fourier_w(name: str, value: np.ndarray) -> bool:
+def _is_fourier_w(name: str, ndim: int) -> bool:
     # GaussianFourierProjection.W: a 1-D 'W' directly under a top-level unit (NIN.W is 2-D).
-    return re.fullmatch(r"all_modules\.\d+\.W", name) is not None and np.ndim(value) == 1
+    return re.fullmatch(r"all_modules\.\d+\.W", name) is not None and ndim == 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,7 +408,7 @@ def torch_to_flax_mapping(
                 raise ConversionError(
                     f"PyTorch entry {name!r} maps to Flax path {'/'.join(path)!r}, which the network does not have"
                 )
-            m = TensorMapping(name, path, layout, trainable=not _is_fourier_w(name, np.zeros(shape)))
+            m = TensorMapping(name, path, layout, trainable=not _is_fourier_w(name, len(shape)))
             if m.converted_shape(shape) != tuple(flat[path].shape):
                 raise ConversionError(
                     f"shape mismatch: PyTorch {name!r} {shape} -> {m.converted_shape(shape)} but Flax "

@@ -19,7 +19,7 @@ from diffusion_jax.models.layers import (
     NameCounter,
     ResnetBlockDDPM,
     Upsample,
-    _group_norm,
+    group_norm,
     ddpm_conv,
     default_init,
     geometric_sigmas,
@@ -170,7 +170,7 @@ class DDPM(nn.Module):
                 h = Upsample(with_conv=self.resamp_with_conv, name=name("Upsample"), **kw)(h)
         assert not hs
 
-        h = act(_group_norm(32, self.dtype, self.param_dtype, name=name("GroupNorm"))(h))
+        h = act(group_norm(32, self.dtype, self.param_dtype, name=name("GroupNorm"))(h))
         h = ddpm_conv(channels, init_scale=0.0, name=name("Conv"), **kw)(h)
         h = h.astype(jnp.float32)
         if self.scale_by_sigma:

@@ -43,6 +43,7 @@ __all__ = [
     "timestep_embedding",
     "geometric_sigmas",
     "GaussianFourierProjection",
+    "group_norm",
     "NIN",
     "AttnBlock",
     "CrossAttnBlock",
@@ -228,8 +229,9 @@ class NIN(nn.Module):
         return jnp.einsum("...i,io->...o", x, W.astype(self.dtype)) + b.astype(self.dtype)
 
 
-def _group_norm(num_groups: int, dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.GroupNorm:
-    # epsilon 1e-6 as in DDPM and score_sde; two-pass variance for float32 accuracy.
+def group_norm(num_groups: int, dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.GroupNorm:
+    """GroupNorm with DDPM's epsilon 1e-6. Statistics in float32 with the two-pass variance
+    (``E[(x - mean)^2]``), which avoids the cancellation of ``E[x^2] - mean^2``."""
     return nn.GroupNorm(
         num_groups=num_groups, epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False, name=name
     )
@@ -260,7 +262,7 @@ class AttnBlock(nn.Module):
     def __call__(self, x: Array) -> Array:
         B, H, W, C = x.shape
         nin = lambda **kw: NIN(C, dtype=self.dtype, param_dtype=self.param_dtype, **kw)  # noqa: E731
-        h = _group_norm(_groups(C, self.num_groups), self.dtype, self.param_dtype)(x)
+        h = group_norm(_groups(C, self.num_groups), self.dtype, self.param_dtype)(x)
         q = nin()(h).reshape(B, H * W, C)
         k = nin()(h).reshape(B, H * W, C)
         v = nin()(h).reshape(B, H * W, C)
@@ -297,7 +299,7 @@ class CrossAttnBlock(nn.Module):
         dense = lambda name, scale=1.0: nn.Dense(  # noqa: E731
             C, kernel_init=default_init(scale), dtype=self.dtype, param_dtype=self.param_dtype, name=name
         )
-        h = _group_norm(_groups(C, None), self.dtype, self.param_dtype)(x)
+        h = group_norm(_groups(C, None), self.dtype, self.param_dtype)(x)
         q = dense("query")(h).reshape(B, H * W, self.num_heads, d)
         k = dense("key")(context).reshape(B, context.shape[1], self.num_heads, d)
         v = dense("value")(context).reshape(B, context.shape[1], self.num_heads, d)
@@ -344,11 +346,11 @@ class ResnetBlockDDPM(nn.Module):
         C = x.shape[-1]
         out_ch = self.out_ch or C
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = act(_group_norm(_groups(C, self.num_groups), **kw)(x))
+        h = act(group_norm(_groups(C, self.num_groups), **kw)(x))
         h = ddpm_conv(out_ch, **kw)(h)
         if temb is not None:
             h = h + nn.Dense(out_ch, kernel_init=default_init(), **kw)(act(temb))[:, None, None, :]
-        h = act(_group_norm(_groups(out_ch, self.num_groups), **kw)(h))
+        h = act(group_norm(_groups(out_ch, self.num_groups), **kw)(h))
         h = nn.Dropout(self.dropout)(h, deterministic=self.deterministic)
         h = ddpm_conv(out_ch, init_scale=self.init_scale, **kw)(h)
         if C != out_ch:
@@ -388,7 +390,7 @@ class ResnetBlockBigGAN(nn.Module):
         C = x.shape[-1]
         out_ch = self.out_ch or C
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = act(_group_norm(_groups(C, None), **kw)(x))
+        h = act(group_norm(_groups(C, None), **kw)(x))
         if self.up:
             if self.fir:
                 h = resampling.upsample_2d(h, self.fir_kernel, factor=2)
@@ -406,7 +408,7 @@ class ResnetBlockBigGAN(nn.Module):
         h = ddpm_conv(out_ch, **kw)(h)
         if temb is not None:
             h = h + nn.Dense(out_ch, kernel_init=default_init(), **kw)(act(temb))[:, None, None, :]
-        h = act(_group_norm(_groups(out_ch, None), **kw)(h))
+        h = act(group_norm(_groups(out_ch, None), **kw)(h))
         h = nn.Dropout(self.dropout)(h, deterministic=self.deterministic)
         h = ddpm_conv(out_ch, init_scale=self.init_scale, **kw)(h)
         if C != out_ch or self.up or self.down:

@@ -28,7 +28,7 @@ from diffusion_jax.models.layers import (
     ResnetBlockBigGAN,
     ResnetBlockDDPM,
     Upsample,
-    _group_norm,
+    group_norm,
     ddpm_conv,
     default_init,
     geometric_sigmas,
@@ -221,7 +221,7 @@ class NCSNpp(nn.Module):
             return ddpm_conv(features, init_scale=init_scale, name=name("Conv"), **kw)
 
         def norm(h):
-            return _group_norm(min(h.shape[-1] // 4, 32), self.dtype, self.param_dtype, name=name("GroupNorm"))(h)
+            return group_norm(min(h.shape[-1] // 4, 32), self.dtype, self.param_dtype, name=name("GroupNorm"))(h)
 
         resample_kw = dict(fir=self.fir, fir_kernel=self.fir_kernel, **kw)
 
