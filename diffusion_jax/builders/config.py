@@ -54,29 +54,30 @@ def default_config() -> ml_collections.ConfigDict:
     training.snapshot_samples = 64  # images in the snapshot sample grid
 
     config.sampling = sampling = ml_collections.ConfigDict()
+    # Keys set to None use the chosen sampler's own default.
     sampling.method = "pc"  # samplers.SAMPLERS
-    sampling.predictor = "euler_maruyama"
-    sampling.corrector = "none"
-    sampling.n_steps_each = 1
-    sampling.noise_removal = True
-    sampling.probability_flow = False
-    sampling.snr = 0.16
-    sampling.num_steps = 1000  # 0: the SDE's N (score_sde's num_scales)
-    sampling.grid = "uniform"
-    sampling.rho = 7.0
-    sampling.rtol = 1e-5
-    sampling.atol = 1e-5
-    sampling.ode_solver = "dopri5"
-    sampling.eta = 0.0
-    sampling.s_churn = 0.0
-    sampling.s_tmin = 0.0
-    sampling.s_tmax = float("inf")
-    sampling.s_noise = 1.0
-    sampling.order = 2
-    sampling.thresholding = "none"  # none | static | dynamic
+    sampling.predictor = "euler_maruyama"  # pc: samplers.PREDICTORS
+    sampling.corrector = "none"  # pc: samplers.CORRECTORS
+    sampling.n_steps_each = 1  # pc: corrector steps per predictor step
+    sampling.noise_removal = True  # final denoising step (score_sde); the samplers' `denoise`
+    sampling.probability_flow = False  # pc: predictor on the probability-flow ODE
+    sampling.snr = 0.16  # pc: Langevin signal-to-noise ratio
+    sampling.num_steps = 0  # 0: the SDE's N (score_sde's num_scales), or 1000
+    sampling.grid = ""  # "": the sampler's default; else samplers.GRIDS
+    sampling.rho = 7.0  # karras grid
+    sampling.rtol = 1e-5  # ode
+    sampling.atol = 1e-5  # ode
+    sampling.ode_solver = "dopri5"  # ode: dopri5 | tsit5
+    sampling.eta = placeholder(float)  # ddim / ddpm / sde_dpmpp_2m noise scale
+    sampling.s_churn = placeholder(float)  # heun / edm (Karras et al. 2022, Alg. 2)
+    sampling.s_tmin = placeholder(float)
+    sampling.s_tmax = placeholder(float)
+    sampling.s_noise = placeholder(float)
+    sampling.order = placeholder(int)  # unipc / ipndm / dpm-solver order where selectable
+    sampling.thresholding = "none"  # none | static | dynamic (samplers that predict data)
     sampling.dynamic_threshold_p = 0.995
     sampling.guidance_scale = 0.0  # classifier-free guidance weight (class-conditional models)
-    sampling.batch_size = 64
+    sampling.batch_size = 64  # samples per sampler call in eval / sample modes
 
     config.eval = evaluate = ml_collections.ConfigDict()
     evaluate.begin_ckpt = 0  # first checkpoint step to evaluate (0: all)
@@ -288,6 +289,9 @@ def validate_config(config: ml_collections.ConfigDict, *, registries: dict[str, 
         "eval.batch_size": _positive("eval.batch_size"),
         "sampling.batch_size": _positive("sampling.batch_size"),
         "sampling.num_steps": _positive("sampling.num_steps", allow_zero=True),
+        "sampling.rtol": _positive("sampling.rtol"),
+        "sampling.atol": _positive("sampling.atol"),
+        "sampling.ode_solver": _one_of("sampling.ode_solver", ["dopri5", "tsit5"]),
         "sampling.n_steps_each": _positive("sampling.n_steps_each"),
         "sampling.snr": _positive("sampling.snr", allow_zero=True),
         "sampling.thresholding": _one_of("sampling.thresholding", ["none", "static", "dynamic"]),
@@ -315,7 +319,7 @@ def validate_config(config: ml_collections.ConfigDict, *, registries: dict[str, 
     ):
         if registry in registries:
             names = list(registries[registry])
-            if key in ("model.output", "model.noise_cond"):
+            if key in ("model.output", "model.noise_cond", "sampling.grid"):
                 names = [""] + names
             checks[key] = _one_of(key, names)
     flat = _flatten(cfg)

@@ -80,15 +80,14 @@ def make_model_fn(module, *, train: bool, class_dropout: float = 0.0, null_label
     training, Ho & Salimans 2022)."""
 
     def model_fn(params, x, c_noise, cond, key):
-        labels = cond.get("label")
+        # Unconditional networks ignore the data set's labels.
+        labels = cond.get("label") if null_label is not None else None
         k_drop, k_cfg = jax.random.split(key)
         if labels is not None and class_dropout > 0 and train:
-            if null_label is None:
-                raise ValueError("class_dropout needs the model's null label")
             drop = jax.random.bernoulli(k_cfg, class_dropout, labels.shape)
             labels = jnp.where(drop, null_label, labels)
         kwargs = {}
-        if labels is not None and null_label is not None:
+        if labels is not None:
             kwargs["class_labels"] = labels
         if "context" in cond:
             kwargs["context"] = cond["context"]

@@ -8,6 +8,7 @@ training loop, the evaluation code and the samplers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -85,6 +86,7 @@ class Experiment:
     mesh: Any
     data_info: Any
     input_shape: tuple[int, ...]
+    _score_impl: Any = None
 
     @property
     def null_label(self) -> int | None:
@@ -96,20 +98,15 @@ class Experiment:
             null_label=self.null_label,
         )
 
-    def net(self, params, *, class_labels=None):
-        """``net(x_in, c_noise) -> out`` for the parametrization (evaluation mode)."""
-        kwargs = {} if class_labels is None else {"class_labels": class_labels}
-        return lambda x, c: self.module.apply({"params": params}, x, c, train=False, **kwargs)
-
     def score_fn(self, params, *, class_labels=None, guidance_scale: float = 0.0):
         """The score of the network with ``params``; with class labels and ``guidance_scale`` w,
-        classifier-free guidance (1 + w) s(x|y) - w s(x|null) (Ho & Salimans 2022)."""
-        cond = self.parametrization.score_fn(self.net(params, class_labels=class_labels), self.sde)
-        if class_labels is None or not guidance_scale:
-            return cond
-        null = jnp.full_like(class_labels, self.null_label)
-        uncond = self.parametrization.score_fn(self.net(params, class_labels=null), self.sde)
-        return lambda x, t: (1.0 + guidance_scale) * cond(x, t) - guidance_scale * uncond(x, t)
+        classifier-free guidance (1 + w) s(x|y) - w s(x|null) (Ho & Salimans 2022).
+
+        Returned as a ``jax.tree_util.Partial`` holding the parameters, so the samplers take
+        them as arguments (no recompilation for new parameters, no giant constants)."""
+        if self._score_impl is None:
+            self._score_impl = functools.partial(_score, self.module, self.sde, self.parametrization, self.null_label)
+        return jax.tree_util.Partial(self._score_impl, params, class_labels, float(guidance_scale))
 
     def init_params(self, key):
         x = jnp.zeros((1,) + self.input_shape, jnp.float32)
@@ -124,6 +121,18 @@ class Experiment:
         if info is not None and getattr(info, "centered", False):
             return (np.asarray(x) + 1.0) / 2.0
         return np.asarray(x)
+
+
+def _score(module, sde, parametrization, null_label, params, class_labels, guidance_scale, x, t):
+    def net(labels):
+        kwargs = {} if labels is None else {"class_labels": labels}
+        return lambda x_in, c: module.apply({"params": params}, x_in, c, train=False, **kwargs)
+
+    score = parametrization.apply(net(class_labels), sde, x, t, "score")
+    if class_labels is None or not guidance_scale:
+        return score
+    uncond = parametrization.apply(net(jnp.full_like(class_labels, null_label)), sde, x, t, "score")
+    return (1.0 + guidance_scale) * score - guidance_scale * uncond
 
 
 def _maybe_initialize_distributed(config) -> None:
@@ -193,13 +202,21 @@ def _sampler(config, *, sde):
 
 
 def _sample_images(exp: Experiment, params, key, n: int, sampler, *, labels=None) -> tuple[np.ndarray, Any]:
+    """``n`` samples in chunks of ``sampling.batch_size`` (one compiled sampler); returns the
+    samples and the info of the last chunk. Chunk ``i`` uses ``fold_in(key, i)``."""
     from diffusion_jax import samplers as samplers_lib
 
     guidance = exp.config.sampling.guidance_scale
-    score_fn = exp.score_fn(params, class_labels=labels, guidance_scale=guidance)
-    run = jax.jit(lambda k: samplers_lib.sample(k, score_fn, exp.sde, (n,) + exp.input_shape, sampler))
-    x, info = run(key)
-    return np.asarray(jax.device_get(x)), info
+    chunk = min(n, exp.config.sampling.batch_size)
+    out, info = [], None
+    for i, start in enumerate(range(0, n, chunk)):
+        lab = None if labels is None else labels[start: start + chunk]
+        if lab is not None and lab.shape[0] < chunk:  # keep one shape: pad the last chunk
+            lab = jnp.concatenate([lab, jnp.zeros((chunk - lab.shape[0],), lab.dtype)])
+        score_fn = exp.score_fn(params, class_labels=lab, guidance_scale=guidance)
+        x, info = samplers_lib.sample(jax.random.fold_in(key, i), score_fn, exp.sde, (chunk,) + exp.input_shape, sampler)
+        out.append(np.asarray(jax.device_get(x)))
+    return np.concatenate(out)[:n], info
 
 
 def _class_labels(exp: Experiment, n: int):

@@ -46,11 +46,6 @@ def shard_batch(batch: dict, mesh: Mesh, *, leading_steps: bool = False) -> dict
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 
-def _all_finite(tree) -> jax.Array:
-    leaves = jax.tree_util.tree_leaves(tree)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
-
-
 def make_train_step(
     loss_fn: Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]],
     optimizer: optax.GradientTransformation,
@@ -59,6 +54,7 @@ def make_train_step(
     ema_warmup: bool = False,
     grad_accum_steps: int = 1,
     learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
+    unroll: bool | None = None,
 ):
     """Returns ``step(state, batches) -> (state, metrics)``, not yet jitted.
 
@@ -67,7 +63,25 @@ def make_train_step(
     check loss and gradients for NaN/Inf, and apply the update and the EMA only if everything is
     finite (otherwise the state is left unchanged, apart from the RNG, and ``nonfinite`` = 1).
     ``metrics`` have a leading axis ``n``: loss, grad_norm, nonfinite, lr.
+
+    ``unroll`` writes the ``n`` steps (and the micro-batches) as straight-line code instead of a
+    ``lax.scan``; the default is to unroll on CPU, where XLA runs convolution gradients inside a
+    while loop about 25x slower (BENCHMARKS.md), and to scan elsewhere (compile time).
     """
+    if unroll is None:
+        unroll = jax.default_backend() == "cpu"
+
+    def loop(body, carry, xs):
+        """``lax.scan(body, carry, xs)``, or its unrolled form."""
+        if not unroll:
+            return jax.lax.scan(body, carry, xs)
+        n = jax.tree_util.tree_leaves(xs)[0].shape[0]
+        outs = []
+        for i in range(n):
+            carry, out = body(carry, jax.tree_util.tree_map(lambda v: v[i], xs))
+            outs.append(out)
+        stacked = None if outs[0] is None else jax.tree_util.tree_map(lambda *v: jnp.stack(v), *outs)
+        return carry, stacked
 
     def grads_for(params, batch, key):
         if grad_accum_steps == 1:
@@ -91,19 +105,21 @@ def make_train_step(
             return (loss_sum + loss, jax.tree_util.tree_map(jnp.add, grad_sum, grads)), None
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-        (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), (micro, keys))
+        (loss_sum, grad_sum), _ = loop(body, (jnp.zeros((), jnp.float32), zeros), (micro, keys))
         scale = 1.0 / grad_accum_steps
         return loss_sum * scale, jax.tree_util.tree_map(lambda g: g * scale, grad_sum)
 
     def one_step(state: TrainState, batch):
-        rng, step_key = jax.random.split(jax.random.wrap_key_data(state.rng))
-        key = jax.random.fold_in(step_key, state.step)
+        rng, key = jax.random.split(jax.random.wrap_key_data(state.rng))
         loss, grads = grads_for(state.params, batch, key)
-        finite = jnp.isfinite(loss) & _all_finite(grads)
+        grad_norm = optax.global_norm(grads)
+        # A NaN/Inf anywhere in the gradients makes the global norm non-finite. (Checking every
+        # leaf with a select over the whole state compiles ~3x slower on XLA:CPU.)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         new_ema = ema_update(state.ema_params, new_params, ema_decay(state.step, ema_rate, ema_warmup))
-        keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+        keep = lambda new, old: jax.lax.cond(finite, lambda: new, lambda: old)
         new_state = TrainState(
             step=state.step + finite.astype(state.step.dtype),
             params=keep(new_params, state.params),
@@ -113,7 +129,7 @@ def make_train_step(
         )
         metrics = {
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": grad_norm,
             "nonfinite": 1 - finite.astype(jnp.int32),
         }
         if learning_rate_fn is not None:
@@ -121,7 +137,7 @@ def make_train_step(
         return new_state, metrics
 
     def step(state: TrainState, batches):
-        return jax.lax.scan(one_step, state, batches)
+        return loop(one_step, state, batches)
 
     return step
 
