@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from diffusion_jax.solvers import ode
-from diffusion_jax.solvers.ode import Dopri5, Tsit5, odeint, odeint_fixed
+from diffusion_jax.solvers.ode import odeint, odeint_fixed
 
 SOLVERS = ["dopri5", "tsit5"]
 
