@@ -6,8 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diffusion_jax.sde import VPSDE
 from diffusion_jax.solvers import ode
 from diffusion_jax.solvers.ode import odeint, odeint_fixed
+
+from _sampler_problems import MIXTURE
 
 SOLVERS = ["dopri5", "tsit5"]
 
@@ -181,13 +184,6 @@ def test_bad_arguments():
 def test_probability_flow_log_density_of_a_mixture(x64):
     """Integrating (x, delta_logp) along the probability-flow ODE of the VP SDE with the exact
     mixture score recovers log p_0(x0) = log p_T(x_T) + int div v dt to 1e-6 (per-sample steps)."""
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.dirname(__file__))
-    from _sampler_problems import MIXTURE
-    from diffusion_jax.sde import VPSDE
-
     sde = VPSDE()
     flow = sde.probability_flow(MIXTURE.score_fn(sde))
     x0 = MIXTURE.sample(jax.random.PRNGKey(0), 8, jnp.float64)
