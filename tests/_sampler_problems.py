@@ -2,7 +2,6 @@
 score, the exact probability-flow ODE solution from given noise, and a sliced Wasserstein
 distance."""
 
-import functools
 
 import jax
 import jax.numpy as jnp

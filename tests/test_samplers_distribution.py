@@ -12,7 +12,6 @@ is below the floor; a 5-step DDPM run shows that the criterion does detect a bia
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -9,7 +9,7 @@ import pytest
 
 from diffusion_jax import samplers as S
 from diffusion_jax.samplers.base import Model, NoiseSource
-from diffusion_jax.sde import VESDE, VPSDE, GeneralSDE, SubVPSDE
+from diffusion_jax.sde import VESDE, VPSDE, SubVPSDE
 
 from _sampler_problems import MIXTURE, empirical_order, prior_noise, reference_solution, rms
 

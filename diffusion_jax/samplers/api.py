@@ -22,7 +22,7 @@ from diffusion_jax.samplers.fast import (
     SDEDPMSolverPP,
     UniPC,
 )
-from diffusion_jax.samplers.grids import GRIDS, get_grid
+from diffusion_jax.samplers.grids import get_grid
 from diffusion_jax.samplers.ode import ProbabilityFlowSampler
 from diffusion_jax.samplers.pc import (
     CORRECTORS,
