@@ -1,0 +1,139 @@
+"""End to end through the command line: train, eval (loss, samples, bits/dim) and sample on
+the embedded digits with a tiny network; resume; bad configs and workdirs give clear messages."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "digits" / "ddpmpp_vp.py"
+
+TINY = [
+    "--config.model.nf=8",
+    "--config.model.num_res_blocks=1",
+    "--config.model.attn_resolutions=()",
+    "--config.training.batch_size=16",
+    "--config.training.n_jitted_steps=1",
+    "--config.training.log_freq=1",
+    "--config.training.eval_freq=2",
+    "--config.training.snapshot_freq=4",
+    "--config.training.snapshot_freq_for_preemption=2",
+    "--config.training.snapshot_samples=4",
+    "--config.sampling.method=dpmpp_2m",
+    "--config.sampling.num_steps=3",
+    "--config.sampling.batch_size=4",
+    "--config.eval.batch_size=100",
+    "--config.eval.num_samples=4",
+    "--config.eval.bpd_rtol=1e-2",
+    "--config.eval.bpd_atol=1e-2",
+    "--config.eval.bpd_max_examples=8",
+    "--config.optim.warmup=0",
+]
+
+
+def run(mode, workdir, *extra, env_extra=None, check=True):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), DIFFUSION_JAX_DATA_DIR=str(workdir.parent / "data"))
+    env.update(env_extra or {})
+    cmd = [sys.executable, "-m", "diffusion_jax", mode, f"--config={CONFIG}", f"--workdir={workdir}", *TINY, *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{mode} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    work = tmp_path_factory.mktemp("exp") / "run"
+    proc = run("train", work, "--config.training.n_iters=4")
+    return work, proc
+
+
+@pytest.mark.slow
+def test_train_eval_sample(trained):
+    work, proc = trained
+    assert "trained steps 0->4" in proc.stdout
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["final_step"] == 4 and summary["nonfinite_steps"] == 0
+    history = [json.loads(l) for l in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history if h["split"] == "train"] == [1, 2, 3, 4]
+    assert [h["step"] for h in history if h["split"] == "eval"] == [2, 4]
+    assert all(np.isfinite(h["loss"]) for h in history)
+    assert (work / "samples" / "step_00000004.png").exists()
+    assert any((work / "tensorboard").iterdir())
+    assert sorted(os.listdir(work / "checkpoints")) == ["2", "4"]
+
+    proc = run("eval", work, "--config.eval.enable_sampling=True", "--config.eval.enable_bpd=True")
+    res = json.loads((work / "eval" / "results_00000004.json").read_text())
+    assert res["eval_examples"] == 297  # the whole digits test split, no dropped remainder
+    assert np.isfinite(res["eval_loss"])
+    assert res["bpd_examples"] == 8 and np.isfinite(res["bpd"]) and res["bpd_num_levels"] == 17
+    assert res["sampling_nfe"] > 0
+    samples = np.load(work / "eval" / "samples_00000004.npz")["samples"]
+    assert samples.shape == (4, 8, 8, 1)
+
+    out = work / "my_samples"
+    proc = run("sample", work, "--num_samples=6", f"--out={out}")
+    x = np.load(str(out) + ".npz")["samples"]
+    assert x.shape == (6, 8, 8, 1) and np.all(np.isfinite(x))
+    assert pathlib.Path(str(out) + ".png").exists()
+    assert "wrote 6 samples of checkpoint 4" in proc.stdout
+
+
+@pytest.mark.slow
+def test_resume_continues_from_the_checkpoint(trained, tmp_path):
+    work, _ = trained
+    # Continue the trained run to 6 steps: it resumes at 4.
+    proc = run("train", work, "--config.training.n_iters=6")
+    assert "resumed from checkpoint at step 4" in proc.stdout
+    assert "trained steps 4->6" in proc.stdout
+    history = [json.loads(l) for l in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history if h["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+    # --stop_after stops with a checkpoint, a rerun finishes the job.
+    fresh = tmp_path / "fresh"
+    run("train", fresh, "--config.training.n_iters=4", "--stop_after=2")
+    assert json.loads((fresh / "summary.json").read_text())["final_step"] == 2
+    proc = run("train", fresh, "--config.training.n_iters=4")
+    assert "resumed from checkpoint at step 2" in proc.stdout
+
+
+def test_command_line_errors(tmp_path):
+    proc = run("train", tmp_path / "w", "--config.training.sde=vp", check=False)
+    assert proc.returncode == 2
+    assert "training.sde = 'vp' is not allowed; valid: vesde, vpsde" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run("fly", tmp_path / "w", check=False)
+    assert proc.returncode == 2 and "expected one mode out of train, eval, sample" in proc.stderr
+    proc = run("train", tmp_path / "w", "--config.training.batchsize=3", check=False)
+    assert proc.returncode != 0 and "batchsize" in proc.stderr
+    proc = run("eval", tmp_path / "empty", check=False)
+    assert proc.returncode == 2 and "no checkpoint in" in proc.stderr
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):  # running as root: permissions are not enforced
+            pytest.skip("cannot make an unwritable directory as this user")
+        proc = run("train", ro / "w", check=False)
+        assert proc.returncode == 2 and "is not writable" in proc.stderr
+    finally:
+        ro.chmod(0o700)
+
+
+def test_incompatible_workdir_is_refused(tmp_path):
+    from diffusion_jax.builders import experiment
+    from diffusion_jax.builders.config import ConfigError, load_config
+
+    config = load_config(str(CONFIG))
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "config.json").write_text(config.to_json_best_effort())
+    experiment.check_workdir_config(config, work)  # same config: fine
+    config.model.nf = 64
+    config.training.n_iters = 7  # allowed to change
+    with pytest.raises(ConfigError, match="incompatible config; these keys differ: model.nf"):
+        experiment.check_workdir_config(config, work)
