@@ -1,4 +1,4 @@
-"""Command line: ``diffusion-jax {train,eval,sample} --config CONFIG.py --workdir DIR [overrides]``.
+"""Command line: ``diffusion-jax {train,eval,sample,convert} --config CONFIG.py --workdir DIR [overrides]``.
 
 Overrides use ml_collections' syntax, e.g. ``--config.training.batch_size=64``. The command
 parses flags and calls :mod:`diffusion_jax.builders.experiment`; configuration problems are
@@ -13,7 +13,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-MODES = ("train", "eval", "sample")
+MODES = ("train", "eval", "sample", "convert")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/...).", lock_config=True)
@@ -22,6 +22,8 @@ flags.DEFINE_integer("num_samples", None, "sample: number of samples (default: c
 flags.DEFINE_string("out", None, "sample: output path without suffix (writes .npz and .png).")
 flags.DEFINE_integer("step", None, "sample: checkpoint step (default: the newest).")
 flags.DEFINE_integer("stop_after", None, "train: stop (with a checkpoint) after this many steps.")
+flags.DEFINE_string("checkpoint", None, "convert: the score_sde checkpoint (.pth, or msgpack for --source=score_sde_jax).")
+flags.DEFINE_enum("source", "score_sde_pytorch", ["score_sde_pytorch", "score_sde_jax"], "convert: checkpoint format.")
 flags.DEFINE_string("cache_dir", None, "Persistent compilation cache (default $DIFFUSION_JAX_CACHE or ~/.cache/diffusion_jax/jax).")
 flags.DEFINE_boolean("compilation_cache", True, "Use JAX's persistent compilation cache.")
 
@@ -51,6 +53,10 @@ def _run(argv) -> int:
     try:
         if mode == "train":
             experiment.train(FLAGS.config, FLAGS.workdir, stop_after=FLAGS.stop_after)
+        elif mode == "convert":
+            if not FLAGS.checkpoint:
+                return _usage("convert needs --checkpoint")
+            experiment.convert(FLAGS.config, FLAGS.workdir, checkpoint=FLAGS.checkpoint, source=FLAGS.source)
         elif mode == "eval":
             experiment.evaluate(FLAGS.config, FLAGS.workdir)
         else:
