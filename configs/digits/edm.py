@@ -1,0 +1,78 @@
+"""diffusion-jax train --config configs/digits/edm.py --workdir runs/digits
+
+The main job: a small DDPM++ network on the embedded 8x8 handwritten digits (17 grey levels),
+trained with EDM's recipe (Karras et al. 2022): time is the noise level sigma, the network is
+the preconditioned denoiser D = c_skip x + c_out F(c_in x; ln(sigma)/4), noise levels are drawn
+log-normally (P_mean = -1.2, P_std = 1.2) and weighted by lambda(sigma); samples come from EDM's
+2nd-order Heun sampler with 12 steps (23 network evaluations).
+
+Why (experiments/digits_sweep.py, same network and step budget): with score_sde's VP SDE and
+an eps-predicting network the samples diverge at this budget, while the EDM preconditioning
+(on the VP SDE or with sigma as time) gives clean digits; see the README for the numbers.
+"""
+
+from diffusion_jax.builders.config import default_config
+
+
+def get_config():
+    config = default_config()
+    config.seed = 0
+
+    training = config.training
+    training.sde = "edm"
+    training.continuous = True
+    training.weighting = "edm"
+    training.time_sampler = "lognormal"
+    training.reduce_mean = True
+    training.batch_size = 128
+    training.n_iters = 1500
+    training.n_jitted_steps = 10
+    training.log_freq = 100
+    training.eval_freq = 500
+    training.snapshot_freq = 500
+    training.snapshot_freq_for_preemption = 500
+    training.snapshot_samples = 100
+
+    sampling = config.sampling
+    sampling.method = "heun"
+    sampling.num_steps = 12
+    sampling.noise_removal = False
+    sampling.batch_size = 100
+
+    data = config.data
+    data.dataset = "digits"
+    data.image_size = 8
+    data.num_channels = 1
+    data.centered = True
+    data.random_flip = False  # digits are not mirror-symmetric
+
+    model = config.model
+    model.name = "ncsnpp"
+    model.sigma_min = 0.002
+    model.sigma_max = 80.0
+    model.sigma_data = 0.5
+    model.ema_rate = 0.999
+    model.ema_warmup = True
+    model.nf = 32
+    model.ch_mult = (1, 2)
+    model.num_res_blocks = 2
+    model.attn_resolutions = (4,)
+    model.dropout = 0.0
+    model.scale_by_sigma = False
+    model.fir = False
+    model.resblock_type = "biggan"
+    model.progressive = "none"
+    model.progressive_input = "none"
+    model.embedding_type = "positional"
+    model.init_scale = 0.0
+
+    config.optim.lr = 2e-3
+    config.optim.warmup = 200
+
+    evaluate = config.eval
+    evaluate.batch_size = 300
+    evaluate.num_samples = 100
+    evaluate.enable_bpd = True
+    evaluate.bpd_rtol = 1e-4
+    evaluate.bpd_atol = 1e-4
+    return config
