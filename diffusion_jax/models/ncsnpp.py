@@ -65,7 +65,7 @@ def _validate_common(m: nn.Module, owner: str) -> None:
     get_activation(m.nonlinearity)
 
 
-class NCSNpp(nn.Module):
+class NCSNpp(nn.Module, kw_only=True):
     """NCSN++ / DDPM++ score network.
 
     Call: ``apply(variables, x, noise_labels, *, class_labels=None, context=None, train=False,
@@ -159,7 +159,9 @@ class NCSNpp(nn.Module):
         # -- noise-level embedding (Song et al. 2021, App. H.1) --------------------------------
         if self.embedding_type == "fourier":
             used_sigmas = labels.astype(jnp.float32)
-            temb = GaussianFourierProjection(nf, self.fourier_scale, name=name("GaussianFourierProjection"))(
+            temb = GaussianFourierProjection(
+                embedding_size=nf, scale=self.fourier_scale, name=name("GaussianFourierProjection")
+            )(
                 jnp.log(used_sigmas)
             )
         else:
