@@ -190,7 +190,7 @@ def geometric_sigmas(sigma_min: float, sigma_max: float, num_scales: int) -> np.
 
 class GaussianFourierProjection(nn.Module, kw_only=True):
     """Random Fourier features of the log noise level (Tancik et al. 2020; Song et al. 2021,
-    App. H.1): ``[sin(2 pi x W), cos(2 pi x W)]`` with fixed ``W ~ N(0, scale^2)``.
+    App. H): ``[sin(2 pi x W), cos(2 pi x W)]`` with fixed ``W ~ N(0, scale^2)``.
 
     ``W`` lives in the ``params`` collection (as in score_sde) but receives no gradient.
     ``(B,) -> (B, 2 * embedding_size)``, float32.
@@ -361,7 +361,7 @@ class ResnetBlockDDPM(nn.Module, kw_only=True):
 
 class ResnetBlockBigGAN(nn.Module, kw_only=True):
     """BigGAN-style residual block with optional up/down-sampling inside the block
-    (Brock et al. 2019; Song et al. 2021, App. H.1, score_sde's ``ResnetBlockBigGANpp``):
+    (Brock et al. 2019; Song et al. 2021, App. H; score_sde's ``ResnetBlockBigGANpp``):
 
         h = act(GN_0(x)); h, x = resample(h), resample(x)
         h = Conv_1(Dropout(act(GN_1(Conv_0(h) + Dense_0(act(temb))))))
@@ -518,7 +518,7 @@ class Downsample(nn.Module, kw_only=True):
 
 class Combine(nn.Module, kw_only=True):
     """Merges the input-image pyramid into the feature stream (NCSN++'s ``progressive_input``
-    with ``input_skip``; Song et al. 2021, App. H.1): a 1x1 ``Conv_0`` maps the pyramid image
+    with ``input_skip``; Song et al. 2021, App. H): a 1x1 ``Conv_0`` maps the pyramid image
     ``x`` to ``y``'s channels, then the two are summed or concatenated (``[conv(x), y]``)."""
 
     method: str = "cat"

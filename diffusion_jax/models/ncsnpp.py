@@ -1,5 +1,5 @@
 """NCSN++ and DDPM++ (Song et al. 2021, "Score-Based Generative Modeling through Stochastic
-Differential Equations", sec. 4.4 and App. H.1).
+Differential Equations", sec. 4.4 and App. H).
 
 One U-Net with switches: residual blocks of DDPM or BigGAN type, optional FIR (anti-aliased)
 resampling (StyleGAN2), rescaled skip connections, and "progressive growing" style input/output
@@ -156,7 +156,7 @@ class NCSNpp(nn.Module, kw_only=True):
         nf, num_resolutions = self.nf, len(self.ch_mult)
         sqrt2 = math.sqrt(2.0)
 
-        # -- noise-level embedding (Song et al. 2021, App. H.1) --------------------------------
+        # -- noise-level embedding (Song et al. 2021, App. H) --------------------------------
         if self.embedding_type == "fourier":
             used_sigmas = labels.astype(jnp.float32)
             temb = GaussianFourierProjection(

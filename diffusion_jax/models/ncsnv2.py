@@ -1,7 +1,7 @@
 """NCSNv2 (Song & Ermon 2020, "Improved Techniques for Training Score-Based Generative Models"):
 a RefineNet (Lin et al. 2017) on a ResNet backbone with dilated convolutions and InstanceNorm++,
 not conditioned on the noise level except through the output scaling ``s(x) / sigma``
-(sec. 3.4, "Technique 3").
+("Technique 3").
 
 Three layouts as in score_sde: ``ncsnv2_64`` (images up to 64 px), ``ncsnv2_128`` and
 ``ncsnv2_256``. Layers follow the NCSNv2 paper and score_sde's PyTorch port (the parity fixture):
@@ -34,7 +34,8 @@ _INTERPOLATIONS = ("bilinear", "bilinear_half_pixel", "nearest_neighbor")
 
 
 class InstanceNorm2dPlus(nn.Module, kw_only=True):
-    """InstanceNorm++ (Song & Ermon 2019, App. A.1, eq. 4): instance normalisation that keeps the
+    """InstanceNorm++ (Song & Ermon 2019, "Generative Modeling by Estimating Gradients of the Data
+    Distribution", App. A): instance normalisation that keeps the
     information in the per-channel means ``mu_k``:
 
         out = gamma_k * ((x_k - mu_k) / s_k + alpha_k * (mu_k - m) / v) + beta_k
