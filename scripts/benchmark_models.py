@@ -10,8 +10,9 @@ and batch size it reports:
 * forward+backward: ``grad`` of ``mean(apply(params, x, labels, train=True) ** 2)`` with respect
   to the parameters (dropout on, as in training);
 
-each jitted; compile time (lower + compile) separately; then the median wall time of
-``--repeats`` calls after ``--warmup`` calls; and the FLOPs of one call from XLA's cost analysis
+each jitted; compile time (lower + compile) separately; then the median wall time (and process
+CPU time, summed over threads) of ``--repeats`` calls after ``--warmup`` calls; and the FLOPs of
+one call from XLA's cost analysis
 (``jax.jit(f).lower(...).compile().cost_analysis()``). Inputs are 32x32x3 images with labels as
 score_sde feeds them (sigma(t) for NCSN++ VE, 999 t for DDPM++ VP). Prints a Markdown table.
 """
@@ -58,19 +59,22 @@ def _flops(compiled) -> float | None:
     return float(cost["flops"])
 
 
-def _time(fn, args, *, warmup: int, repeats: int) -> tuple[float, float, float | None]:
-    """(compile seconds, median seconds per call, flops per call)."""
+def _time(fn, args, *, warmup: int, repeats: int) -> tuple[float, float, float, float | None]:
+    """(compile seconds, median wall seconds per call, median process CPU seconds per call,
+    flops per call). CPU time sums all threads; unlike wall time it barely changes when other
+    processes compete for the cores."""
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     compile_s = time.perf_counter() - t0
     for _ in range(warmup):
         jax.block_until_ready(compiled(*args))
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t0)
-    return compile_s, statistics.median(times), _flops(compiled)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return compile_s, statistics.median(wall), statistics.median(cpu), _flops(compiled)
 
 
 def benchmark(name: str, config, *, forward_batches, grad_batches, warmup, repeats) -> list[dict]:
@@ -97,9 +101,11 @@ def benchmark(name: str, config, *, forward_batches, grad_batches, warmup, repea
             args = (params, x, _labels(config, kt, batch))
             if what != "forward":
                 args = args + (kd,)
-            compile_s, median_s, flops = _time(fn, args, warmup=warmup, repeats=repeats)
-            rows.append(dict(model=name, params=n_params, what=what, batch=batch, compile_s=compile_s, median_s=median_s, flops=flops))
-            print(f"# {name} {what} batch {batch}: compile {compile_s:.1f} s, median {median_s:.3f} s", flush=True)
+            compile_s, median_s, cpu_s, flops = _time(fn, args, warmup=warmup, repeats=repeats)
+            rows.append(
+                dict(model=name, params=n_params, what=what, batch=batch, compile_s=compile_s, median_s=median_s, cpu_s=cpu_s, flops=flops)
+            )
+            print(f"# {name} {what} batch {batch}: compile {compile_s:.1f} s, median {median_s:.3f} s, CPU {cpu_s:.3f} s", flush=True)
     return rows
 
 
@@ -121,14 +127,15 @@ def main(argv=None):
             name, configs[name](), forward_batches=args.forward_batch, grad_batches=args.grad_batch,
             warmup=args.warmup, repeats=args.repeats,
         )
-    print("\n| network | params | what | batch | compile s | median s | GFLOP per call | GFLOP/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"# load average at the end: {' '.join(open('/proc/loadavg').read().split()[:3]) if pathlib.Path('/proc/loadavg').exists() else 'n/a'}")
+    print("\n| network | params | what | batch | compile s | median wall s | median CPU s | GFLOP per call | GFLOP/s (wall) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         gflop = r["flops"] / 1e9 if r["flops"] is not None else None
         rate = f"{gflop / r['median_s']:.0f}" if gflop is not None else "n/a"
         gflop_s = f"{gflop:.1f}" if gflop is not None else "n/a"
         print(f"| {r['model']} | {r['params']:,} | {r['what']} | {r['batch']} | {r['compile_s']:.1f} | "
-              f"{r['median_s']:.3f} | {gflop_s} | {rate} |")
+              f"{r['median_s']:.3f} | {r['cpu_s']:.3f} | {gflop_s} | {rate} |")
 
 
 if __name__ == "__main__":

@@ -48,39 +48,17 @@ def fixture(name):
     return meta, data, module, params
 
 
+# Fixtures with per-module activations: one compiled forward returns the output and every
+# top-level submodule's output, shared by the output and the activation tests.
+WITH_ACTS = ("ncsnpp_ve_cont", "ncsnpp_ve_cont_256style_cat")
+
+
 @functools.cache
 def jitted_apply(name):
     _, _, module, _ = fixture(name)
-    return jax.jit(lambda p, x, labels: module.apply({"params": p}, x, labels))
+    if name not in WITH_ACTS:
+        return jax.jit(lambda p, x, labels: module.apply({"params": p}, x, labels))
 
-
-def relative_error(out, ref):
-    return float(np.max(np.abs(np.asarray(out, np.float64) - ref)) / np.max(np.abs(ref)))
-
-
-@pytest.mark.parametrize("name", VARIANTS)
-def test_output_matches_score_sde_pytorch(name):
-    _, data, _, params = fixture(name)
-    out = jitted_apply(name)(params, jnp.asarray(data["x_nhwc"]), jnp.asarray(data["labels"]))
-    # NCSNv2's PyTorch output is float64 (float32 activations divided by a float64 sigma table).
-    ref = data["out_nhwc_f64"] if "out_nhwc_f64" in data else data["out_nhwc"]
-    assert out.shape == ref.shape and out.dtype == jnp.float32
-    assert relative_error(out, ref) < TOLERANCE
-
-
-def test_ddpm_integer_labels_match():
-    """Discrete DDPM training feeds integer time steps; same network, other labels."""
-    _, data, _, params = fixture("ddpm_vp_cont")
-    labels = jnp.asarray(data["labels_int"])
-    assert jnp.issubdtype(labels.dtype, jnp.integer)
-    out = jitted_apply("ddpm_vp_cont")(params, jnp.asarray(data["x_nhwc"]), labels)
-    assert relative_error(out, data["out_int_nhwc"]) < TOLERANCE
-    # ... and they really are different inputs from the continuous ones.
-    assert relative_error(data["out_int_nhwc"], data["out_nhwc"]) > 1e-2
-
-
-def _top_level_outputs(module, params, data):
-    """Outputs of every top-level submodule, by name, in call order (``capture_intermediates``)."""
     def run(p, x, labels):
         return module.apply(
             {"params": p},
@@ -90,16 +68,49 @@ def _top_level_outputs(module, params, data):
             mutable=["intermediates"],
         )
 
-    _, state = jax.jit(run)(params, jnp.asarray(data["x_nhwc"]), jnp.asarray(data["labels"]))
-    return {k: v["__call__"][0] for k, v in state["intermediates"].items()}
+    return jax.jit(run)
 
 
-@pytest.mark.parametrize("name", ["ncsnpp_ve_cont", "ncsnpp_ve_cont_256style_cat"])
+def forward(name, labels_key="labels"):
+    """``(output, {top-level submodule name: output} or None)`` for a fixture's input."""
+    _, data, _, params = fixture(name)
+    result = jitted_apply(name)(params, jnp.asarray(data["x_nhwc"]), jnp.asarray(data[labels_key]))
+    if name not in WITH_ACTS:
+        return result, None
+    out, state = result
+    return out, {k: v["__call__"][0] for k, v in state["intermediates"].items()}
+
+
+def relative_error(out, ref):
+    return float(np.max(np.abs(np.asarray(out, np.float64) - ref)) / np.max(np.abs(ref)))
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_output_matches_score_sde_pytorch(name):
+    _, data, _, _ = fixture(name)
+    out, _ = forward(name)
+    # NCSNv2's PyTorch output is float64 (float32 activations divided by a float64 sigma table).
+    ref = data["out_nhwc_f64"] if "out_nhwc_f64" in data else data["out_nhwc"]
+    assert out.shape == ref.shape and out.dtype == jnp.float32
+    assert relative_error(out, ref) < TOLERANCE
+
+
+def test_ddpm_integer_labels_match():
+    """Discrete DDPM training feeds integer time steps; same network, other labels."""
+    _, data, _, _ = fixture("ddpm_vp_cont")
+    assert np.issubdtype(data["labels_int"].dtype, np.integer)
+    out, _ = forward("ddpm_vp_cont", "labels_int")
+    assert relative_error(out, data["out_int_nhwc"]) < TOLERANCE
+    # ... and they really are different inputs from the continuous ones.
+    assert relative_error(data["out_int_nhwc"], data["out_nhwc"]) > 1e-2
+
+
+@pytest.mark.parametrize("name", WITH_ACTS)
 def test_per_module_activations_match(name):
     """Every top-level module's output (and the parameter-free pyramid resamplers) matches."""
-    _, data, module, params = fixture(name)
+    _, data, module, _ = fixture(name)
     acts = dict(np.load(FIXTURES / f"{name}_perturbed_acts.npz"))
-    outputs = _top_level_outputs(module, params, data)
+    _, outputs = forward(name)
     state = {k: v.shape for k, v in data.items() if "." in k}
     unit_to_flax = {}
     for m in torch_to_flax_mapping(module, state, data["x_nhwc"].shape):

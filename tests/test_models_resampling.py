@@ -100,5 +100,5 @@ def test_resampling_layers_shapes_and_parameters():
         variables = jax.eval_shape(lambda: layer.init(jax.random.key(0), x))
         assert set(variables.get("params", {})) == params
         assert jax.eval_shape(lambda v: layer.apply(v, x), variables).shape == shape
-    v = jax.eval_shape(lambda: Conv2d(5, up=True).init(jax.random.key(0), x))
+    v = jax.eval_shape(lambda: Conv2d(features=5, up=True).init(jax.random.key(0), x))
     assert v["params"]["kernel"].shape == (3, 3, 4, 5) and v["params"]["bias"].shape == (5,)

@@ -34,7 +34,7 @@ Dtype = Any
 __all__ = ["DDPM"]
 
 
-class DDPM(nn.Module):
+class DDPM(nn.Module, kw_only=True):
     """DDPM score network.
 
     Call: ``apply(variables, x, noise_labels, *, class_labels=None, context=None, train=False,

@@ -188,9 +188,9 @@ def geometric_sigmas(sigma_min: float, sigma_max: float, num_scales: int) -> np.
     return np.exp(np.linspace(np.log(sigma_max), np.log(sigma_min), num_scales))
 
 
-class GaussianFourierProjection(nn.Module):
+class GaussianFourierProjection(nn.Module, kw_only=True):
     """Random Fourier features of the log noise level (Tancik et al. 2020; Song et al. 2021,
-    App. H.1): ``[sin(2 pi x W), cos(2 pi x W)]`` with fixed ``W ~ N(0, scale^2)``.
+    App. H): ``[sin(2 pi x W), cos(2 pi x W)]`` with fixed ``W ~ N(0, scale^2)``.
 
     ``W`` lives in the ``params`` collection (as in score_sde) but receives no gradient.
     ``(B,) -> (B, 2 * embedding_size)``, float32.
@@ -212,7 +212,7 @@ class GaussianFourierProjection(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-class NIN(nn.Module):
+class NIN(nn.Module, kw_only=True):
     """Network-in-network (a per-pixel dense layer): ``y = x W + b`` with ``W`` of shape
     ``(C_in, num_units)``, DDPM initialisation with ``init_scale`` (0.1 by default)."""
 
@@ -242,7 +242,7 @@ def _groups(channels: int, num_groups: int | None) -> int:
     return min(channels // 4, 32) if num_groups is None else num_groups
 
 
-class AttnBlock(nn.Module):
+class AttnBlock(nn.Module, kw_only=True):
     """Single-head self-attention over all pixels (DDPM; Ho et al. 2020, App. B):
     ``x + NIN_3(softmax(q k^T / sqrt(C)) v)`` with ``q, k, v = NIN(GroupNorm(x))``.
 
@@ -261,7 +261,7 @@ class AttnBlock(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         B, H, W, C = x.shape
-        nin = lambda **kw: NIN(C, dtype=self.dtype, param_dtype=self.param_dtype, **kw)  # noqa: E731
+        nin = lambda **kw: NIN(num_units=C, dtype=self.dtype, param_dtype=self.param_dtype, **kw)  # noqa: E731
         h = group_norm(_groups(C, self.num_groups), self.dtype, self.param_dtype)(x)
         q = nin()(h).reshape(B, H * W, C)
         k = nin()(h).reshape(B, H * W, C)
@@ -274,7 +274,7 @@ class AttnBlock(nn.Module):
         return out / math.sqrt(2.0) if self.skip_rescale else out
 
 
-class CrossAttnBlock(nn.Module):
+class CrossAttnBlock(nn.Module, kw_only=True):
     """Multi-head cross-attention from pixels to a sequence of conditioning vectors
     (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models", sec. 3.3):
     queries from ``GroupNorm(x)``, keys and values from ``context``; the output projection is
@@ -316,7 +316,7 @@ class CrossAttnBlock(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-class ResnetBlockDDPM(nn.Module):
+class ResnetBlockDDPM(nn.Module, kw_only=True):
     """DDPM's residual block (Ho et al. 2020, App. B; score_sde's ``ResnetBlockDDPM`` and
     ``ResnetBlockDDPMpp``):
 
@@ -354,14 +354,14 @@ class ResnetBlockDDPM(nn.Module):
         h = nn.Dropout(self.dropout)(h, deterministic=self.deterministic)
         h = ddpm_conv(out_ch, init_scale=self.init_scale, **kw)(h)
         if C != out_ch:
-            x = ddpm_conv(out_ch, **kw)(x) if self.conv_shortcut else NIN(out_ch, **kw)(x)
+            x = ddpm_conv(out_ch, **kw)(x) if self.conv_shortcut else NIN(num_units=out_ch, **kw)(x)
         out = x + h
         return out / math.sqrt(2.0) if self.skip_rescale else out
 
 
-class ResnetBlockBigGAN(nn.Module):
+class ResnetBlockBigGAN(nn.Module, kw_only=True):
     """BigGAN-style residual block with optional up/down-sampling inside the block
-    (Brock et al. 2019; Song et al. 2021, App. H.1, score_sde's ``ResnetBlockBigGANpp``):
+    (Brock et al. 2019; Song et al. 2021, App. H; score_sde's ``ResnetBlockBigGANpp``):
 
         h = act(GN_0(x)); h, x = resample(h), resample(x)
         h = Conv_1(Dropout(act(GN_1(Conv_0(h) + Dense_0(act(temb))))))
@@ -422,7 +422,7 @@ class ResnetBlockBigGAN(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-class Conv2d(nn.Module):
+class Conv2d(nn.Module, kw_only=True):
     """3x3 (odd ``kernel``) convolution fused with FIR up- or down-sampling (StyleGAN2's
     ``Conv2d`` with ``up``/``down``; score_sde's ``up_or_down_sampling.Conv2d``).
 
@@ -458,7 +458,7 @@ class Conv2d(nn.Module):
         return x
 
 
-class Upsample(nn.Module):
+class Upsample(nn.Module, kw_only=True):
     """2x upsampling (score_sde's ``layerspp.Upsample``; with ``fir=False`` also DDPM's
     ``Upsample``): nearest neighbour [+ 3x3 ``Conv_0``], or FIR [fused with a 3x3 ``Conv2d_0``].
     ``(B, H, W, C) -> (B, 2H, 2W, out_ch or C)``."""
@@ -480,13 +480,13 @@ class Upsample(nn.Module):
                 h = ddpm_conv(out_ch, **kw)(h)
         else:
             if self.with_conv:
-                h = Conv2d(out_ch, up=True, resample_kernel=self.fir_kernel, **kw)(x)
+                h = Conv2d(features=out_ch, up=True, resample_kernel=self.fir_kernel, **kw)(x)
             else:
                 h = resampling.upsample_2d(x, self.fir_kernel, factor=2)
         return h
 
 
-class Downsample(nn.Module):
+class Downsample(nn.Module, kw_only=True):
     """2x downsampling (score_sde's ``layerspp.Downsample``; with ``fir=False`` also DDPM's
     ``Downsample``): stride-2 3x3 ``Conv_0`` or 2x2 average pooling, or FIR [fused with a
     stride-2 3x3 ``Conv2d_0``]. ``(B, H, W, C) -> (B, H/2, W/2, out_ch or C)``."""
@@ -510,15 +510,15 @@ class Downsample(nn.Module):
                 x = resampling.naive_downsample_2d(x, 2)
         else:
             if self.with_conv:
-                x = Conv2d(out_ch, down=True, resample_kernel=self.fir_kernel, **kw)(x)
+                x = Conv2d(features=out_ch, down=True, resample_kernel=self.fir_kernel, **kw)(x)
             else:
                 x = resampling.downsample_2d(x, self.fir_kernel, factor=2)
         return x
 
 
-class Combine(nn.Module):
+class Combine(nn.Module, kw_only=True):
     """Merges the input-image pyramid into the feature stream (NCSN++'s ``progressive_input``
-    with ``input_skip``; Song et al. 2021, App. H.1): a 1x1 ``Conv_0`` maps the pyramid image
+    with ``input_skip``; Song et al. 2021, App. H): a 1x1 ``Conv_0`` maps the pyramid image
     ``x`` to ``y``'s channels, then the two are summed or concatenated (``[conv(x), y]``)."""
 
     method: str = "cat"

@@ -1,5 +1,5 @@
 """NCSN++ and DDPM++ (Song et al. 2021, "Score-Based Generative Modeling through Stochastic
-Differential Equations", sec. 4.4 and App. H.1).
+Differential Equations", sec. 4.4 and App. H).
 
 One U-Net with switches: residual blocks of DDPM or BigGAN type, optional FIR (anti-aliased)
 resampling (StyleGAN2), rescaled skip connections, and "progressive growing" style input/output
@@ -65,7 +65,7 @@ def _validate_common(m: nn.Module, owner: str) -> None:
     get_activation(m.nonlinearity)
 
 
-class NCSNpp(nn.Module):
+class NCSNpp(nn.Module, kw_only=True):
     """NCSN++ / DDPM++ score network.
 
     Call: ``apply(variables, x, noise_labels, *, class_labels=None, context=None, train=False,
@@ -156,10 +156,12 @@ class NCSNpp(nn.Module):
         nf, num_resolutions = self.nf, len(self.ch_mult)
         sqrt2 = math.sqrt(2.0)
 
-        # -- noise-level embedding (Song et al. 2021, App. H.1) --------------------------------
+        # -- noise-level embedding (Song et al. 2021, App. H) --------------------------------
         if self.embedding_type == "fourier":
             used_sigmas = labels.astype(jnp.float32)
-            temb = GaussianFourierProjection(nf, self.fourier_scale, name=name("GaussianFourierProjection"))(
+            temb = GaussianFourierProjection(
+                embedding_size=nf, scale=self.fourier_scale, name=name("GaussianFourierProjection")
+            )(
                 jnp.log(used_sigmas)
             )
         else:

@@ -1,7 +1,7 @@
 """NCSNv2 (Song & Ermon 2020, "Improved Techniques for Training Score-Based Generative Models"):
 a RefineNet (Lin et al. 2017) on a ResNet backbone with dilated convolutions and InstanceNorm++,
 not conditioned on the noise level except through the output scaling ``s(x) / sigma``
-(sec. 3.4, "Technique 3").
+("Technique 3").
 
 Three layouts as in score_sde: ``ncsnv2_64`` (images up to 64 px), ``ncsnv2_128`` and
 ``ncsnv2_256``. Layers follow the NCSNv2 paper and score_sde's PyTorch port (the parity fixture):
@@ -33,8 +33,9 @@ __all__ = ["InstanceNorm2dPlus", "ResidualBlock", "RefineBlock", "NCSNv2", "NCSN
 _INTERPOLATIONS = ("bilinear", "bilinear_half_pixel", "nearest_neighbor")
 
 
-class InstanceNorm2dPlus(nn.Module):
-    """InstanceNorm++ (Song & Ermon 2019, App. A.1, eq. 4): instance normalisation that keeps the
+class InstanceNorm2dPlus(nn.Module, kw_only=True):
+    """InstanceNorm++ (Song & Ermon 2019, "Generative Modeling by Estimating Gradients of the Data
+    Distribution", App. A): instance normalisation that keeps the
     information in the per-channel means ``mu_k``:
 
         out = gamma_k * ((x_k - mu_k) / s_k + alpha_k * (mu_k - m) / v) + beta_k
@@ -73,7 +74,7 @@ def _conv(features, in_features, dtype, param_dtype, **kw):
     return ncsn_conv(features, in_features, dtype=dtype, param_dtype=param_dtype, **kw)
 
 
-class ConvMeanPool(nn.Module):
+class ConvMeanPool(nn.Module, kw_only=True):
     """Convolution ('SAME', NCSN init) followed by 2x2 average pooling. ``(B, H, W, C) -> (B, H/2, W/2, F)``."""
 
     features: int
@@ -88,7 +89,7 @@ class ConvMeanPool(nn.Module):
         return jnp.mean(h.reshape(B, H // 2, 2, W // 2, 2, C), axis=(2, 4))
 
 
-class ResidualBlock(nn.Module):
+class ResidualBlock(nn.Module, kw_only=True):
     """NCSNv2's pre-activation residual block (ELU, InstanceNorm++):
 
         out = shortcut(x) + conv2(act(norm2(conv1(act(norm1(x))))))
@@ -122,8 +123,8 @@ class ResidualBlock(nn.Module):
                 h = _conv(self.output_dim, C, dilation=d, name="Conv_1", **kw)(h)
                 shortcut = _conv(self.output_dim, C, dilation=d, name="Conv_2", **kw)(x)
             else:
-                h = ConvMeanPool(self.output_dim, name="ConvMeanPool_0", **kw)(h)
-                shortcut = ConvMeanPool(self.output_dim, kernel=1, name="ConvMeanPool_1", **kw)(x)
+                h = ConvMeanPool(features=self.output_dim, name="ConvMeanPool_0", **kw)(h)
+                shortcut = ConvMeanPool(features=self.output_dim, kernel=1, name="ConvMeanPool_1", **kw)(x)
         elif self.resample is None:
             names = iter(["Conv_0", "Conv_1", "Conv_2"])
             if self.output_dim == C:
@@ -170,7 +171,7 @@ def resize(x: Array, shape: Sequence[int], method: str) -> Array:
     raise ValueError(f"unknown interpolation {method!r}; valid: {', '.join(_INTERPOLATIONS)}")
 
 
-class RCUBlock(nn.Module):
+class RCUBlock(nn.Module, kw_only=True):
     """Residual conv unit: ``n_blocks`` times ``x + (act -> conv3x3) x n_stages`` (no biases)."""
 
     features: int
@@ -191,7 +192,7 @@ class RCUBlock(nn.Module):
         return x
 
 
-class CRPBlock(nn.Module):
+class CRPBlock(nn.Module, kw_only=True):
     """Chained residual pooling: ``x = act(x)``; ``path = conv(maxpool5x5(path))``; ``x += path``,
     ``n_stages`` times (no conv biases)."""
 
@@ -212,7 +213,7 @@ class CRPBlock(nn.Module):
         return x
 
 
-class MSFBlock(nn.Module):
+class MSFBlock(nn.Module, kw_only=True):
     """Multi-resolution fusion: conv3x3 (with bias) of each input, resized to ``shape``, summed."""
 
     features: int
@@ -231,7 +232,7 @@ class MSFBlock(nn.Module):
         return total
 
 
-class RefineBlock(nn.Module):
+class RefineBlock(nn.Module, kw_only=True):
     """RefineNet block (Lin et al. 2017): RCU adaptation of each input, multi-resolution fusion to
     ``output_shape`` (skipped for the first block, ``start``), chained residual pooling, and an
     output RCU (3 units for the last block, ``end``). Inputs are NHWC; output
@@ -249,18 +250,22 @@ class RefineBlock(nn.Module):
     @nn.compact
     def __call__(self, xs: Sequence[Array]) -> Array:
         kw = dict(nonlinearity=self.nonlinearity, dtype=self.dtype, param_dtype=self.param_dtype)
-        hs = [RCUBlock(x.shape[-1], n_blocks=2, n_stages=2, **kw)(x) for x in xs]
+        hs = [RCUBlock(features=x.shape[-1], n_blocks=2, n_stages=2, **kw)(x) for x in xs]
         if not self.start:
             h = MSFBlock(
-                self.features, tuple(self.output_shape), self.interpolation, dtype=self.dtype, param_dtype=self.param_dtype
+                features=self.features,
+                shape=tuple(self.output_shape),
+                interpolation=self.interpolation,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
             )(hs)
         else:
             h = hs[0]
-        h = CRPBlock(self.features, n_stages=2, **kw)(h)
-        return RCUBlock(self.features, n_blocks=3 if self.end else 1, n_stages=2, **kw)(h)
+        h = CRPBlock(features=self.features, n_stages=2, **kw)(h)
+        return RCUBlock(features=self.features, n_blocks=3 if self.end else 1, n_stages=2, **kw)(h)
 
 
-class NCSNv2(nn.Module):
+class NCSNv2(nn.Module, kw_only=True):
     """NCSNv2 for images up to 64 px (score_sde's ``ncsnv2_64``).
 
     Call: ``apply(variables, x, noise_labels, *, train=False)`` with ``x: (B, H, W, C)`` and
@@ -337,7 +342,7 @@ class NCSNv2(nn.Module):
         for _, blocks in self.STAGES:
             for mult, resample, dilation in blocks:
                 h = wrap(ResidualBlock)(
-                    self.nf * mult,
+                    output_dim=self.nf * mult,
                     resample=resample,
                     dilation=dilation,
                     nonlinearity=self.nonlinearity,
@@ -351,8 +356,8 @@ class NCSNv2(nn.Module):
             skip = layers[len(layers) - 1 - i]
             inputs = [skip] if ref is None else [skip, ref]
             ref = wrap(RefineBlock)(
-                tuple(skip.shape[1:3]),
-                self.nf * mult,
+                output_shape=tuple(skip.shape[1:3]),
+                features=self.nf * mult,
                 nonlinearity=self.nonlinearity,
                 interpolation=self.interpolation,
                 start=i == 0,
@@ -369,7 +374,7 @@ class NCSNv2(nn.Module):
         return h.astype(in_dtype)
 
 
-class NCSNv2_128(NCSNv2):  # noqa: N801 (score_sde's name)
+class NCSNv2_128(NCSNv2, kw_only=True):  # noqa: N801 (score_sde's name)
     """NCSNv2 for 96-128 px images (score_sde's ``ncsnv2_128``): one more resolution level."""
 
     STAGES: ClassVar[tuple] = (
@@ -382,7 +387,7 @@ class NCSNv2_128(NCSNv2):  # noqa: N801 (score_sde's name)
     REFINES: ClassVar[tuple] = (("refine1", 4), ("refine2", 2), ("refine3", 2), ("refine4", 1), ("refine5", 1))
 
 
-class NCSNv2_256(NCSNv2):  # noqa: N801 (score_sde's name)
+class NCSNv2_256(NCSNv2, kw_only=True):  # noqa: N801 (score_sde's name)
     """NCSNv2 for 129-256 px images (score_sde's ``ncsnv2_256``): two more resolution levels."""
 
     STAGES: ClassVar[tuple] = (

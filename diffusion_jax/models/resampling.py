@@ -1,8 +1,8 @@
 """Up- and down-sampling of NHWC images, with and without FIR filters.
 
 The FIR ("finite impulse response") resamplers follow the ``upfirdn2d`` semantics of StyleGAN2
-(Karras et al. 2020, "Analyzing and Improving the Image Quality of StyleGAN", App. B), which
-NCSN++ uses for its anti-aliased resampling (Song et al. 2021, App. H.1 "FIR"):
+(Karras et al. 2020, "Analyzing and Improving the Image Quality of StyleGAN"), which
+NCSN++ uses for its anti-aliased resampling (Song et al. 2021, App. H, "FIR"):
 
     upfirdn2d(x, k, up, down, pad) = downsample_by(down)( conv_full( pad( zero_stuff_by(up)(x) ), k ) )
 
