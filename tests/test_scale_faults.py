@@ -142,8 +142,7 @@ def _umount(path: pathlib.Path):
 def test_disk_full_keeps_saved_checkpoints(scale_reference, scale_data_dir, tmp_path):
     """The disk fills up during a run (a ballast file leaves less than one checkpoint free): the
     next save fails, and the run stops with a message naming the checkpoint, the full disk and
-    the intact checkpoints. Once space is freed, the rerun resumes and ends exactly where the
-    reference does."""
+    the intact checkpoints, which are indeed intact."""
     disk = tmp_path / "disk"
     _mount_tmpfs(disk, "16m")
     try:
@@ -164,12 +163,11 @@ def test_disk_full_keeps_saved_checkpoints(scale_reference, scale_data_dir, tmp_
             "same command to resume from step 4.")
         assert checkpoint_steps(work) == [2, 4]
         assert not list((work / "checkpoints").glob("*tmp*"))  # the partial save was removed at once
-        ballast.unlink()
-        proc = run("train", work, "--config.training.n_iters=8", data_dir=scale_data_dir)
-        assert "resumed from checkpoint at step 4" in proc.stdout
-        assert_trees_equal(load_state(work / "checkpoints" / "8")["params"],
-                           load_state(scale_reference / "checkpoints" / "8")["params"])
-        assert history(work) == history(scale_reference)[:8]
+        # What was saved is intact: checkpoint 4 is the reference's, bit for bit (resuming from a
+        # checkpoint is tested in test_kills_and_bad_checkpoints_lose_no_work).
+        saved, ref = load_state(work / "checkpoints" / "4"), load_state(scale_reference / "checkpoints" / "4")
+        assert_trees_equal(saved["params"], ref["params"])
+        assert_trees_equal(saved["opt_state"], ref["opt_state"], what="optimizer state")
     finally:
         _umount(disk)
 
