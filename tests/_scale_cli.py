@@ -35,7 +35,7 @@ TINY = [
     "--config.training.snapshot_sampling=False",
     "--config.optim.warmup=0",
 ]
-REFERENCE_STEPS = 16
+REFERENCE_STEPS = 20
 
 
 def env(data_dir, *, devices: int = 1, **extra) -> dict:
