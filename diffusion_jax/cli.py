@@ -2,11 +2,14 @@
 
 Overrides use ml_collections' syntax, e.g. ``--config.training.batch_size=64``. The command
 parses flags and calls :mod:`diffusion_jax.builders.experiment`; configuration problems are
-printed as one message (exit status 2), not a traceback.
+printed as one message, not a traceback. Exit status: 0 done, 2 configuration or data problem,
+3 training diverged (non-finite loss), 4 a checkpoint or log could not be written (e.g. disk
+full), 143 stopped by SIGTERM / a preemption notice after saving a checkpoint (rerun to resume).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 
@@ -45,6 +48,7 @@ def _run(argv) -> int:
     from diffusion_jax.builders import experiment
     from diffusion_jax.builders.config import ConfigError
     from diffusion_jax.training.distributed import compilation_cache
+    from diffusion_jax.training.checkpoint import CheckpointSaveError
     from diffusion_jax.training.loop import Preempted, TrainingDiverged
 
     if FLAGS.compilation_cache:
@@ -70,10 +74,13 @@ def _run(argv) -> int:
     except TrainingDiverged as e:
         print(f"diffusion-jax {mode}: training diverged: {e}", file=sys.stderr)
         return 3
+    except CheckpointSaveError as e:
+        print(f"diffusion-jax {mode}: {e}", file=sys.stderr)
+        return 4
     except OSError as e:
-        if e.errno == 28:  # ENOSPC
-            print(f"diffusion-jax {mode}: disk full while writing ({e}); the checkpoints already saved are intact",
-                  file=sys.stderr)
+        if e.errno == errno.ENOSPC:
+            print(f"diffusion-jax {mode}: disk full while writing {e.filename or ''} ({e.strerror}); "
+                  "the checkpoints already saved are intact", file=sys.stderr)
             return 4
         raise
     return 0

@@ -10,6 +10,10 @@ import pathlib
 import jax
 import pytest
 
+# Session fixtures of the scale tests (a shared data directory and one uninterrupted reference
+# run), defined here so that every tests/test_scale_*.py module shares a single instance.
+from _scale_cli import scale_data_dir, scale_reference  # noqa: F401
+
 _CACHE = pathlib.Path(__file__).resolve().parent.parent / ".jax_cache"
 jax.config.update("jax_compilation_cache_dir", os.environ.get("DIFFUSION_JAX_CACHE", str(_CACHE)))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

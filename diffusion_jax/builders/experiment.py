@@ -8,6 +8,7 @@ training loop, the evaluation code and the samplers.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import json
 import logging
@@ -31,7 +32,8 @@ from diffusion_jax.training import checkpoint as ckpt_lib
 from diffusion_jax.training import loop as loop_lib
 from diffusion_jax.training.logging import MetricWriter, save_image_grid
 from diffusion_jax.training.state import TrainState, init_train_state
-from diffusion_jax.training.step import make_eval_step, make_mesh, make_train_step, replicate, shard_batch
+from diffusion_jax.training.step import (make_eval_step, make_mesh, make_train_step, per_device_batch, replicate,
+                                         shard_batch)
 
 __all__ = ["Experiment", "build_experiment", "train", "evaluate", "sample", "convert", "registries",
            "check_workdir_config"]
@@ -181,12 +183,45 @@ def _prepare_workdir(workdir) -> pathlib.Path:
     workdir = pathlib.Path(workdir)
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".write_test"
+        # One probe per process: hosts sharing the workdir must not remove each other's.
+        probe = workdir / f".write_test.{jax.process_index()}.{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise ConfigError(f"workdir {workdir}: the disk is full (No space left on device)") from None
         raise ConfigError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
     return workdir
+
+
+def _write_atomically(path: pathlib.Path, text: str) -> None:
+    """Write a file whole or not at all (a temporary file renamed into place), so neither a
+    kill, a full disk, nor another host reading it at the same moment sees half of it."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _build_data(config, **kwargs):
+    """The data iterator, with a missing or unreadable data set reported as a ConfigError."""
+    from diffusion_jax.builders.data import build_data
+
+    try:
+        return build_data(config, **kwargs)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        raise ConfigError(f"data: {e}") from None
+
+
+def _check_batch(config, key: str, global_batch: int, *, grad_accum_steps: int = 1) -> int:
+    """Per-device batch of ``config.<key>`` on the mesh; a ConfigError if it does not divide."""
+    try:
+        return per_device_batch(global_batch, num_devices=jax.device_count(), num_processes=jax.process_count(),
+                                grad_accum_steps=grad_accum_steps, name=key)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _validate(config) -> None:
@@ -234,30 +269,25 @@ def _save_samples(exp: Experiment, x: np.ndarray, path_png: pathlib.Path) -> Non
 
 def train(config, workdir, *, stop_after: int | None = None) -> loop_lib.RunSummary:
     """Train from ``config`` into ``workdir``, resuming from its newest checkpoint."""
-    from diffusion_jax.builders.data import build_data
-
     _maybe_initialize_distributed(config)
     _validate(config)
+    t = config.training
+    per_device = _check_batch(config, "training.batch_size", t.batch_size, grad_accum_steps=t.grad_accum_steps)
+    if t.eval_freq and t.eval_freq <= t.n_iters:
+        _check_batch(config, "eval.batch_size", config.eval.batch_size)
     workdir = _prepare_workdir(workdir)
     check_workdir_config(config, workdir)
     primary = jax.process_index() == 0
-    if primary:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
-    try:
-        train_iter = build_data(config, split="train")
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    train_iter = _build_data(config, split="train")
     exp = build_experiment(config, data_info=train_iter.info)
-    t = config.training
-    ndev = len(exp.mesh.devices.reshape(-1))
-    if t.batch_size % ndev:
-        raise ConfigError(f"training.batch_size = {t.batch_size} does not divide over the {ndev} devices")
-    if (t.batch_size // jax.process_count()) % t.grad_accum_steps:
-        raise ConfigError(
-            f"training.batch_size per host ({t.batch_size // jax.process_count()}) does not split into "
-            f"training.grad_accum_steps = {t.grad_accum_steps} micro-batches"
-        )
+    if primary:
+        # Written once the data and the network are known to build, so a failed start does
+        # not tie the workdir to a config that never ran.
+        _write_atomically(workdir / "config.json", config.to_json_best_effort(indent=2))
+        print(f"global batch {t.batch_size} = {jax.process_count()} host(s) x {jax.local_device_count()} "
+              f"device(s) x {per_device} example(s)"
+              + (f" in {t.grad_accum_steps} micro-batches" if t.grad_accum_steps > 1 else ""), flush=True)
 
     optimizer = diffusion_builders.build_optimizer(config)
     loss_fn = diffusion_builders.build_loss(config, model_fn=exp.model_fn(train=True), sde=exp.sde,
@@ -276,10 +306,9 @@ def train(config, workdir, *, stop_after: int | None = None) -> loop_lib.RunSumm
         try:
             step, state, _, errors = checkpointer.restore(state, data_iterator=train_iter)
             writer.truncate(step)
-            for err in errors:
-                log.warning(err)
             if primary:
-                print(f"resumed from checkpoint at step {step}", flush=True)
+                skipped = f" (skipped {len(errors)} unreadable newer checkpoint(s), see the warnings)" if errors else ""
+                print(f"resumed from checkpoint at step {step}{skipped}", flush=True)
         except ckpt_lib.NoCheckpointError as e:
             if checkpointer.steps():  # checkpoints exist but none could be read
                 raise ConfigError(f"{e}\nMove the unreadable checkpoints away to start afresh.") from None
@@ -318,7 +347,7 @@ def train(config, workdir, *, stop_after: int | None = None) -> loop_lib.RunSumm
             snapshot_fn(state, summary.final_step)  # always leave a grid of the final model
         if primary:
             record = dataclasses.asdict(summary)
-            (workdir / "summary.json").write_text(json.dumps(record, indent=2))
+            _write_atomically(workdir / "summary.json", json.dumps(record, indent=2))
             print(
                 f"trained steps {summary.start_step}->{summary.final_step} in {summary.seconds:.1f} s "
                 f"({summary.steps_per_second:.2f} steps/s); final loss {summary.last_metrics.get('loss', float('nan')):.4f}; "
@@ -336,8 +365,6 @@ def train(config, workdir, *, stop_after: int | None = None) -> loop_lib.RunSumm
 
 def _make_periodic_eval(config, exp: Experiment, key):
     """Loss of the EMA parameters on the next eval batch (score_sde's eval during training)."""
-    from diffusion_jax.builders.data import build_data
-
     loss_fn = diffusion_builders.build_loss(config, model_fn=exp.model_fn(train=False), sde=exp.sde,
                                             parametrization=exp.parametrization)
     eval_step = jax.jit(make_eval_step(loss_fn))
@@ -346,7 +373,7 @@ def _make_periodic_eval(config, exp: Experiment, key):
     def next_batch():
         for _ in range(2):
             if holder["it"] is None:
-                holder["it"] = build_data(config, split="eval")
+                holder["it"] = _build_data(config, split="eval")
             try:
                 return next(holder["it"])
             except StopIteration:
@@ -366,7 +393,9 @@ def _restore_for_eval(config, exp: Experiment, workdir: pathlib.Path, step: int 
     optimizer = diffusion_builders.build_optimizer(config)
     params = jax.eval_shape(exp.init_params, jax.random.PRNGKey(0))
     template = jax.eval_shape(lambda p: init_train_state(p, optimizer, jax.random.PRNGKey(0)), params)
-    template = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), template)
+    # Replicated over the mesh, like the training state: on several hosts every array must be
+    # a global array to enter computations sharded over all devices.
+    template = replicate(jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), template), exp.mesh)
     checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", read_only=True)
     try:
         got, state, _, errors = checkpointer.restore(template, step=step)
@@ -385,9 +414,7 @@ def _checkpoint_steps(workdir: pathlib.Path) -> list[int]:
 
 def evaluate(config, workdir) -> dict:
     """Evaluate saved checkpoints in ``[eval.begin_ckpt, eval.end_ckpt]``: loss over the whole
-    eval split, samples, and bits/dim; results go to ``<workdir>/eval/``."""
-    from diffusion_jax.builders.data import build_data
-
+    eval split, samples, and bits/dim; results go to ``<workdir>/eval/`` (process 0 writes)."""
     _maybe_initialize_distributed(config)
     _validate(config)
     workdir = pathlib.Path(workdir)
@@ -400,7 +427,8 @@ def evaluate(config, workdir) -> dict:
     chosen = [s for s in steps if e.begin_ckpt <= s <= end]
     if not chosen:
         raise ConfigError(f"no checkpoint step in [eval.begin_ckpt={e.begin_ckpt}, eval.end_ckpt={e.end_ckpt}]; saved: {steps}")
-    info_iter = build_data(config, split="eval")
+    _check_batch(config, "eval.batch_size", e.batch_size)
+    info_iter = _build_data(config, split="eval")
     exp = build_experiment(config, data_info=info_iter.info)
     info_iter.close()
     out_dir = workdir / "eval"
@@ -426,21 +454,19 @@ def evaluate(config, workdir) -> dict:
             res.update(_eval_bpd(config, exp, params, step))
         results[step] = res
         if primary:
-            (out_dir / f"results_{step:08d}.json").write_text(json.dumps(res, indent=2))
+            _write_atomically(out_dir / f"results_{step:08d}.json", json.dumps(res, indent=2))
             print(json.dumps(res), flush=True)
     return results
 
 
 def _eval_loss(config, exp: Experiment, params, step: int) -> dict:
     """Mean loss over every example of the eval split (padded batches are masked)."""
-    from diffusion_jax.builders.data import build_data
-
     loss_fn = diffusion_builders.build_loss(config, model_fn=exp.model_fn(train=False), sde=exp.sde,
                                             parametrization=exp.parametrization)
     eval_step = jax.jit(make_eval_step(loss_fn))
     total = count = 0.0
     key = jax.random.PRNGKey(step)
-    with build_data(config, split="eval") as it:
+    with _build_data(config, split="eval") as it:
         for i, batch in enumerate(it):
             s, c = eval_step(params, shard_batch(batch, exp.mesh), jax.random.fold_in(key, i))
             total, count = total + float(s), count + float(c)
@@ -455,7 +481,8 @@ def _eval_bpd(config, exp: Experiment, params, step: int) -> dict:
 
 def sample(config, workdir, *, num_samples: int | None = None, out: str | None = None, step: int | None = None) -> pathlib.Path:
     """Write ``num_samples`` samples of a checkpoint (newest by default) with ``config.sampling``:
-    ``<out>.npz`` (values in the data's range) and ``<out>.png`` (a grid)."""
+    ``<out>.npz`` (values in the data's range) and ``<out>.png`` (a grid); process 0 writes."""
+    _maybe_initialize_distributed(config)
     _validate(config)
     workdir = pathlib.Path(workdir)
     check_workdir_config(config, workdir)
@@ -478,6 +505,8 @@ def sample(config, workdir, *, num_samples: int | None = None, out: str | None =
                               labels=_class_labels(exp, n))
     seconds = time.perf_counter() - t0
     out_path = pathlib.Path(out) if out else workdir / "samples" / f"samples_{got:08d}_{config.sampling.method}"
+    if jax.process_index() != 0:
+        return out_path.with_suffix(".npz")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out_path.with_suffix(".npz"), samples=exp.to_data_range(x))
     _save_samples(exp, x, out_path.with_suffix(".png"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import sys
 import time
@@ -42,7 +43,10 @@ class MetricWriter:
                     kept.append(line)
             except (ValueError, KeyError):
                 continue  # a line cut short by a kill
-        self.path.write_text("".join(l + "\n" for l in kept))
+        # Whole or not at all: a kill during this rewrite must not lose the history.
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(l + "\n" for l in kept))
+        os.replace(tmp, self.path)
 
     def write(self, step: int, metrics: dict, *, split: str = "train") -> None:
         if not self.enabled:

@@ -45,13 +45,22 @@ class RunSummary:
 
 
 class _SignalFlag:
-    """Records SIGTERM/SIGINT so the loop can checkpoint and stop between steps."""
+    """Records SIGTERM so the loop can checkpoint and stop between steps (one process).
 
-    def __init__(self, signals=(signal.SIGTERM,)):
+    With several processes a checkpoint is a collective, so a signal seen by one process must
+    not make it save alone: there JAX's preemption service (started by
+    ``jax.distributed.initialize``) owns SIGTERM, tells every process, and
+    ``Checkpointer.reached_preemption`` returns True on all of them at the same iteration.
+    Installing a Python handler would replace the service's and hide the notice, so none is
+    installed then (``install=False``).
+    """
+
+    def __init__(self, signals=(signal.SIGTERM,), *, install: bool = True):
         self.signals, self.received, self._old = signals, None, {}
+        self.install = install
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if self.install and threading.current_thread() is threading.main_thread():
             for s in self.signals:
                 self._old[s] = signal.signal(s, self._handler)
         return self
@@ -61,7 +70,15 @@ class _SignalFlag:
 
     def __exit__(self, *exc):
         for s, h in self._old.items():
-            signal.signal(s, h)
+            # None: the previous handler was not installed from Python (e.g. a C++ one);
+            # Python cannot reinstate it, so fall back to the default action.
+            signal.signal(s, signal.SIG_DFL if h is None else h)
+
+
+def _python_sigterm_handler() -> bool:
+    """Whether the loop handles SIGTERM itself: on one process, or when JAX's preemption service
+    is off (``jax_enable_preemption_service``)."""
+    return jax.process_count() == 1 or not jax.config.jax_enable_preemption_service
 
 
 def _stack(batches: list[dict]) -> dict:
@@ -99,7 +116,9 @@ def fit(
 
     ``step_fn(state, batches)`` is the jitted step of :func:`make_train_step`; batches are drawn
     ``n_jitted_steps`` at a time from ``data_iter`` (this process's share of each global batch).
-    Checkpoints are saved every ``checkpoint_every`` steps, at the end, and on SIGTERM.
+    Checkpoints are saved every ``checkpoint_every`` steps, at the end, and on SIGTERM (or, with
+    several processes, JAX's preemption notice). A non-finite step is logged and written to the
+    metrics as a ``split='nonfinite'`` record with its step number and metrics.
     ``stop_after`` stops (with a checkpoint) after that many steps in this call, for tests and
     time-sliced jobs.
     """
@@ -119,7 +138,8 @@ def fit(
             saved[0] = step
             log.info("checkpoint at step %d (%s)", step, reason)
 
-    with _SignalFlag() as sig:
+    calls = 0  # loop iterations: the preemption protocol's counter (the same on every process)
+    with _SignalFlag(install=_python_sigterm_handler()) as sig:
         while step < n_iters:
             if stop_after is not None and step - start_step >= stop_after:
                 break
@@ -127,8 +147,11 @@ def fit(
             batches = shard_batch(_stack([next(data_iter) for _ in range(k)]), mesh, leading_steps=True)
             prev = step
             state, metrics = step_fn(state, batches)
+            calls += 1
             metrics = jax.device_get(metrics)
             step = int(jax.device_get(state.step))
+            if checkpointer is not None:
+                checkpointer.check_for_errors()  # a failed asynchronous save stops the run now
             bad = np.asarray(metrics["nonfinite"]).astype(bool)
             if bad.any():
                 total_nan += int(bad.sum())
@@ -136,6 +159,8 @@ def fit(
                 first = int(np.argmax(bad))
                 detail = {name: float(np.asarray(v)[first]) for name, v in metrics.items() if name != "nonfinite"}
                 msg = f"non-finite loss or gradient at step {prev + first + 1}: {detail}"
+                if writer is not None:  # on the record, not only in the log
+                    writer.write(prev + first + 1, detail, split="nonfinite")
                 if nan_policy == "stop":
                     save("before stopping on a non-finite step")
                     if checkpointer is not None:
@@ -160,7 +185,7 @@ def fit(
                     writer.write(step, eval_metrics, split="eval")
             if snapshot_fn is not None and _crossed(prev, step, snapshot_freq):
                 snapshot_fn(state, step)
-            preempted = sig.received is not None or (checkpointer is not None and checkpointer.reached_preemption(step))
+            preempted = sig.received is not None or (checkpointer is not None and checkpointer.reached_preemption(calls))
             if _crossed(prev, step, checkpoint_every) or preempted:
                 save("preemption" if preempted else "periodic")
             if preempted:

@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from diffusion_jax.training.state import TrainState, ema_decay, ema_update
 
-__all__ = ["make_mesh", "make_train_step", "make_eval_step", "shard_batch", "replicate", "DATA_AXIS"]
+__all__ = ["make_mesh", "make_train_step", "make_eval_step", "shard_batch", "replicate", "per_device_batch", "DATA_AXIS"]
 
 DATA_AXIS = "data"
 
@@ -28,6 +28,31 @@ def make_mesh(devices=None) -> Mesh:
     """A 1-D mesh over every device of every process, axis ``'data'``."""
     devices = np.asarray(jax.devices() if devices is None else devices)
     return Mesh(devices.reshape(-1), (DATA_AXIS,))
+
+
+def per_device_batch(global_batch: int, *, num_devices: int, num_processes: int = 1,
+                     grad_accum_steps: int = 1, name: str = "batch_size") -> int:
+    """The examples each device gets from a global batch of ``global_batch``; raises
+    ``ValueError`` (naming ``name``) unless it divides evenly over the hosts, the devices and,
+    on each device, into ``grad_accum_steps`` micro-batches."""
+    if num_devices % num_processes:
+        raise ValueError(f"{num_devices} devices do not split evenly over {num_processes} processes")
+    plural = lambda n, word: f"{n} {word}{'s' if n != 1 else ''}"  # noqa: E731
+    layout = f"{plural(num_processes, 'host')} x {plural(num_devices // num_processes, 'device')}"
+    if global_batch % num_devices:
+        lo = max(num_devices, global_batch // num_devices * num_devices)
+        raise ValueError(
+            f"{name} = {global_batch} (the global batch) does not divide over the {num_devices} devices "
+            f"({layout}); use a multiple of {num_devices}, e.g. {lo} or {lo + num_devices}"
+        )
+    per_device = global_batch // num_devices
+    if per_device % grad_accum_steps:
+        raise ValueError(
+            f"{name} = {global_batch} gives {per_device} examples per device ({layout}), which do not "
+            f"split into grad_accum_steps = {grad_accum_steps} micro-batches; use a global batch that is a "
+            f"multiple of {num_devices * grad_accum_steps}"
+        )
+    return per_device
 
 
 def replicate(tree, mesh: Mesh):
@@ -93,7 +118,12 @@ def make_train_step(
                 raise ValueError(
                     f"batch of {x.shape[0]} does not split into grad_accum_steps={grad_accum_steps} micro-batches"
                 )
-            return x.reshape((grad_accum_steps, x.shape[0] // grad_accum_steps) + x.shape[1:])
+            # Micro-batch j holds examples j, j + k, j + 2k, ... The batch axis is sharded over
+            # the devices in contiguous blocks, so (with a per-device batch divisible by k) every
+            # device holds its share of every micro-batch and no example moves between devices;
+            # contiguous micro-batches would sit on a few devices each, and XLA would move
+            # examples around (collective-permutes) to spread them.
+            return x.reshape((x.shape[0] // grad_accum_steps, grad_accum_steps) + x.shape[1:]).swapaxes(0, 1)
 
         micro = jax.tree_util.tree_map(split, batch)
         keys = jax.random.split(key, grad_accum_steps)
