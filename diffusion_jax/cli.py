@@ -31,9 +31,15 @@ flags.DEFINE_string("cache_dir", None, "Persistent compilation cache (default $D
 flags.DEFINE_boolean("compilation_cache", True, "Use JAX's persistent compilation cache.")
 
 
+def _say(msg: str) -> None:
+    """One write per message, so that a background thread's output cannot split its line."""
+    sys.stderr.write(msg + "\n")
+    sys.stderr.flush()
+
+
 def _usage(msg: str) -> int:
-    print(f"diffusion-jax: {msg}\nusage: diffusion-jax {{{','.join(MODES)}}} --config CONFIG.py --workdir DIR "
-          "[--config.section.key=value ...]", file=sys.stderr)
+    _say(f"diffusion-jax: {msg}\nusage: diffusion-jax {{{','.join(MODES)}}} --config CONFIG.py --workdir DIR "
+         "[--config.section.key=value ...]")
     return 2
 
 
@@ -66,21 +72,21 @@ def _run(argv) -> int:
         else:
             experiment.sample(FLAGS.config, FLAGS.workdir, num_samples=FLAGS.num_samples, out=FLAGS.out, step=FLAGS.step)
     except ConfigError as e:
-        print(f"diffusion-jax {mode}: {e}", file=sys.stderr)
+        _say(f"diffusion-jax {mode}: {e}")
         return 2
     except Preempted as e:
-        print(f"diffusion-jax {mode}: {e}", file=sys.stderr)
+        _say(f"diffusion-jax {mode}: {e}")
         return 143
     except TrainingDiverged as e:
-        print(f"diffusion-jax {mode}: training diverged: {e}", file=sys.stderr)
+        _say(f"diffusion-jax {mode}: training diverged: {e}")
         return 3
     except CheckpointSaveError as e:
-        print(f"diffusion-jax {mode}: {e}", file=sys.stderr)
+        _say(f"diffusion-jax {mode}: {e}")
         return 4
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            print(f"diffusion-jax {mode}: disk full while writing {e.filename or ''} ({e.strerror}); "
-                  "the checkpoints already saved are intact", file=sys.stderr)
+            _say(f"diffusion-jax {mode}: disk full while writing {e.filename or ''} ({e.strerror}); "
+                 "the checkpoints already saved are intact")
             return 4
         raise
     return 0

@@ -50,6 +50,10 @@ def _launch(work, n_iters, *, data_dir, port, logs):
     ]
 
 
+def _is_gloo_notice(line):
+    return "[Gloo]" in line or "peer ranks" in line
+
+
 @pytest.mark.slow
 def test_two_processes_preempt_resume_and_match_one(scale_data_dir, tmp_path):
     """Two processes with two devices each (global batch 16 = 2 x 2 x 4). SIGTERM reaches only
@@ -80,7 +84,8 @@ def test_two_processes_preempt_resume_and_match_one(scale_data_dir, tmp_path):
     assert f"trained steps {stop}->{n}" in procs[0].stdout
     assert "global batch 16 = 2 host(s) x 2 device(s) x 4 example(s)" in procs[0].stdout
     # Only process 0 reports and writes: one metrics record per step, no output from process 1.
-    assert [l for l in procs[1].stdout.splitlines() if not l.startswith("[Gloo]")] == []
+    # (The CPU collectives library prints connection notices of its own; they are not ours.)
+    assert [l for l in procs[1].stdout.splitlines() if not _is_gloo_notice(l)] == []
     assert [h["step"] for h in history(work)] == list(range(1, n + 1))
 
     # Each process loaded only its own strided shard, 8 examples per step, disjoint.

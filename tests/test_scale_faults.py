@@ -155,12 +155,13 @@ def test_disk_full_keeps_saved_checkpoints(scale_reference, scale_data_dir, tmp_
         ballast.write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize - one // 2))
         proc = run("train", work, "--config.training.n_iters=8", data_dir=scale_data_dir, check=False)
         assert proc.returncode == 4, proc.stderr[-3000:]
-        message = [l for l in proc.stderr.splitlines() if l.startswith("diffusion-jax train: ")]
-        assert len(message) == 1, proc.stderr[-3000:]
-        assert message[0] == (
+        # One message; background save threads of the checkpoint library may print their own
+        # traceback at the same moment, so the message is searched for, not expected on a line alone.
+        assert proc.stderr.count("diffusion-jax train: ") == 1, proc.stderr[-3000:]
+        assert (
             f"diffusion-jax train: could not write checkpoint 6 in {work / 'checkpoints'}: the disk is full (No space "
             "left on device). The checkpoints already saved are intact (steps 2, 4); free some space, then rerun the "
-            "same command to resume from step 4.")
+            "same command to resume from step 4.") in proc.stderr, proc.stderr[-3000:]
         assert checkpoint_steps(work) == [2, 4]
         assert not list((work / "checkpoints").glob("*tmp*"))  # the partial save was removed at once
         # What was saved is intact: checkpoint 4 is the reference's, bit for bit (resuming from a
