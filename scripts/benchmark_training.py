@@ -25,7 +25,7 @@ resident memory (``getrusage`` max RSS, compilation included) is its own. Report
   XLA's own estimate of the step's buffers (arguments + outputs + temporaries,
   ``compiled.memory_analysis()``);
 * speed-up over score_sde's PyTorch port on the same kind of machine: the best of eager and
-  ``torch.compile`` per row of ``/work/shared/fixtures/peer_timings.md`` (3.19 / 12.54 s for
+  ``torch.compile`` per row of the shared fixtures' ``peer_timings.md`` (3.19 / 12.54 s for
   NCSN++ at batch 8 / 32, 2.56 / 8.83 s for DDPM++), float32 without remat as they ran.
 
 Prints a Markdown table; ``--json`` also writes one JSON object per configuration.
@@ -47,7 +47,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_CONFIGS = ["configs/cifar10/ve/ncsnpp_continuous.py", "configs/cifar10/vp/ddpmpp_continuous.py"]
 
 # score_sde's PyTorch port, train step, seconds: best of eager and torch.compile
-# (/work/shared/fixtures/peer_timings.md), keyed by config file name and batch.
+# (the shared fixtures' peer_timings.md), keyed by config file name and batch.
 PYTORCH_SECONDS = {
     ("ncsnpp_continuous", 8): 3.19,
     ("ncsnpp_continuous", 32): 12.54,

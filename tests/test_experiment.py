@@ -84,6 +84,46 @@ def test_train_eval_sample(trained):
     assert "wrote 6 samples of checkpoint 4" in proc.stdout
 
 
+def _config_with(overrides):
+    """The test config with command-line style overrides applied in-process."""
+    import ast
+
+    from diffusion_jax.builders.config import load_config
+
+    config = load_config(str(CONFIG))
+    for item in overrides:
+        key, value = item[len("--config."):].split("=", 1)
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            pass
+        config.update_from_flattened_dict({key: value})
+    return config
+
+
+@pytest.mark.slow
+def test_load_params_gives_a_trained_model(trained, monkeypatch):
+    """The library route to a trained model: load_params -> score_fn -> sample."""
+    import jax
+
+    import diffusion_jax
+    from diffusion_jax import samplers
+    from diffusion_jax.builders.config import ConfigError
+    from diffusion_jax.builders.experiment import load_params
+
+    work, _ = trained
+    monkeypatch.setenv("DIFFUSION_JAX_DATA_DIR", str(work.parent / "data"))
+    config = _config_with(TINY)
+    exp, step, params = load_params(config, work, step=2)
+    assert step == 2
+    x, info = diffusion_jax.sample(jax.random.PRNGKey(0), exp.score_fn(params), exp.sde, (2,) + exp.input_shape,
+                                   samplers.get_sampler("dpmpp_2m", num_steps=3))
+    assert x.shape == (2, 8, 8, 1) and bool(np.all(np.isfinite(np.asarray(x)))) and int(info.nfe) == 3
+    config.model.nf = 16  # a different network cannot load this workdir
+    with pytest.raises(ConfigError, match="model.nf"):
+        load_params(config, work)
+
+
 @pytest.mark.slow
 def test_resume_continues_from_the_checkpoint(trained, tmp_path):
     work, _ = trained

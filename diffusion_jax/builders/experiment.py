@@ -35,7 +35,7 @@ from diffusion_jax.training.state import TrainState, init_train_state
 from diffusion_jax.training.step import (make_eval_step, make_mesh, make_train_step, per_device_batch, replicate,
                                          shard_batch)
 
-__all__ = ["Experiment", "build_experiment", "train", "evaluate", "sample", "convert", "registries",
+__all__ = ["Experiment", "build_experiment", "load_params", "train", "evaluate", "sample", "convert", "registries",
            "check_workdir_config"]
 
 log = logging.getLogger(__name__)
@@ -402,6 +402,19 @@ def _restore_for_eval(config, exp: Experiment, workdir: pathlib.Path, step: int 
     finally:
         checkpointer.close()
     return got, state
+
+
+def load_params(config, workdir, *, step: int | None = None) -> tuple[Experiment, int, Any]:
+    """``(experiment, step, EMA parameters)`` of a checkpoint in ``workdir`` trained with
+    ``config`` (the newest readable one when ``step`` is None): a trained model for scripts and
+    notebooks, e.g. ``exp.score_fn(params)`` for :func:`diffusion_jax.sample` or the likelihood."""
+    _validate(config)
+    workdir = pathlib.Path(workdir)
+    check_workdir_config(config, workdir)
+    with _build_data(config, split="eval") as it:
+        exp = build_experiment(config, data_info=it.info)
+    got, state = _restore_for_eval(config, exp, workdir, step)
+    return exp, got, state.ema_params
 
 
 def _checkpoint_steps(workdir: pathlib.Path) -> list[int]:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-__all__ = ["batch_labels", "add_class_embedding", "check_context"]
+__all__ = ["batch_labels", "add_class_embedding", "check_context", "check_unet_inputs"]
 
 
 def batch_labels(noise_labels: Any, batch: int, owner: str) -> Array:
@@ -83,3 +83,18 @@ def check_context(context: Any, cross_attn_resolutions: tuple[int, ...], batch: 
     if context.ndim != 3 or context.shape[0] != batch:
         raise ValueError(f"{owner}: context must have shape ({batch}, L, D), got {context.shape}")
     return context
+
+
+def check_unet_inputs(module: nn.Module, x: Any, noise_labels: Any, context: Any) -> tuple[Array, Array | None]:
+    """The input checks the U-Nets (NCSN++ / DDPM++ and DDPM) share: NHWC images, one noise
+    label per example (or one for all), and a context that fits the cross-attention settings.
+    Returns ``(labels of shape (B,), context)``."""
+    owner = type(module).__name__
+    if x.ndim != 4:
+        raise ValueError(f"{owner} expects NHWC images (B, H, W, C), got shape {x.shape}")
+    batch = x.shape[0]
+    labels = batch_labels(noise_labels, batch, owner)
+    context = check_context(context, module.cross_attn_resolutions, batch, owner)
+    if context is not None and module.context_dim is not None and context.shape[-1] != module.context_dim:
+        raise ValueError(f"{owner}: context has {context.shape[-1]} features, expected context_dim={module.context_dim}")
+    return labels, context

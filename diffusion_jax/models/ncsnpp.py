@@ -142,17 +142,12 @@ class NCSNpp(nn.Module, kw_only=True):
         train: bool = False,
     ) -> Array:
         owner = type(self).__name__
-        if x.ndim != 4:
-            raise ValueError(f"{owner} expects NHWC images (B, H, W, C), got shape {x.shape}")
+        labels, context = conditioning.check_unet_inputs(self, x, noise_labels, context)
         B, _, _, channels = x.shape
         in_dtype = x.dtype
         act = get_activation(self.nonlinearity)
         name = NameCounter()
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        labels = conditioning.batch_labels(noise_labels, B, owner)
-        context = conditioning.check_context(context, self.cross_attn_resolutions, B, owner)
-        if context is not None and self.context_dim is not None and context.shape[-1] != self.context_dim:
-            raise ValueError(f"{owner}: context has {context.shape[-1]} features, expected context_dim={self.context_dim}")
         nf, num_resolutions = self.nf, len(self.ch_mult)
         sqrt2 = math.sqrt(2.0)
 
