@@ -142,7 +142,7 @@ def make_train_step(
     def one_step(state: TrainState, batch):
         rng, key = jax.random.split(jax.random.wrap_key_data(state.rng))
         loss, grads = grads_for(state.params, batch, key)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         # A NaN/Inf anywhere in the gradients makes the global norm non-finite. (Checking every
         # leaf with a select over the whole state compiles ~3x slower on XLA:CPU.)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
