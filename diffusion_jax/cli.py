@@ -31,6 +31,16 @@ flags.DEFINE_string("cache_dir", None, "Persistent compilation cache (default $D
 flags.DEFINE_boolean("compilation_cache", True, "Use JAX's persistent compilation cache.")
 
 
+# Notices of the libraries underneath that say nothing about the run: orbax opening checkpoints
+# read-only for eval/sample, tfds decoding images with PIL.
+_QUIET_NOTICES = ("CheckpointManagerOptions.read_only=True", "Given directory is read only", "OpenCV is not installed")
+
+
+class _DropNotices(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(n in record.getMessage() for n in _QUIET_NOTICES)
+
+
 def _say(msg: str) -> None:
     """One write per message, so that a background thread's output cannot split its line."""
     sys.stderr.write(msg + "\n")
@@ -51,6 +61,8 @@ def _run(argv) -> int:
     if not FLAGS.workdir:
         return _usage("--workdir is required")
     logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.getLogger("absl").addFilter(_DropNotices())
+    logging.getLogger("jax").setLevel(logging.WARNING)  # e.g. the notice that no TPU runtime is installed
     from diffusion_jax.builders import experiment
     from diffusion_jax.builders.config import ConfigError
     from diffusion_jax.training.distributed import compilation_cache
