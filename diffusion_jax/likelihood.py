@@ -25,7 +25,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.sde import SDE, broadcast_to_data
+from diffusion_jax.sde import SDE
 from diffusion_jax.solvers.ode import odeint
 
 Array = jax.Array
@@ -163,10 +163,10 @@ def log_likelihood(
     elif estimator == "hutchinson_gaussian":
         probes = jax.random.normal(k_probe, (num_probes,) + x.shape, dtype)
 
+    flow = sde.probability_flow(score_fn)
+
     def v_field(y, t):
-        t = jnp.broadcast_to(t, (batch,))
-        g2 = sde.diffusion_sq(t)
-        return (sde.drift(y, t) - 0.5 * broadcast_to_data(g2, y) * score_fn(y, t)).astype(y.dtype)
+        return flow.vector_field(y, jnp.broadcast_to(t, (batch,))).astype(y.dtype)
 
     div = divergence_fn(v_field, estimator=estimator, probes=probes)
 

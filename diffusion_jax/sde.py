@@ -132,6 +132,10 @@ class SDE(flax.struct.PyTreeNode):
         """g(t), with the shape of ``t``."""
         raise NotImplementedError
 
+    def diffusion_sq(self, t: Array) -> Array:
+        """g(t)^2; linear SDEs compute it directly, without a square root."""
+        return self.diffusion(t) ** 2
+
     def prior_sample(self, key: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
         raise NotImplementedError
 
@@ -704,7 +708,7 @@ class ReverseSDE:
         return self.drift_from_score(x, t, self.score_fn(x, t))
 
     def drift_from_score(self, x: Array, t: Array, score: Array) -> Array:
-        g2 = self.sde.diffusion(t) ** 2
+        g2 = self.sde.diffusion_sq(t)
         scale = 0.5 if self.probability_flow else 1.0
         return self.sde.drift(x, t) - scale * broadcast_to_data(g2, x) * score
 
@@ -737,7 +741,7 @@ class ProbabilityFlowODE:
         return self.vector_field(x, t)
 
     def vector_field(self, x: Array, t: Array) -> Array:
-        g2 = self.sde.diffusion(t) ** 2
+        g2 = self.sde.diffusion_sq(t)
         return self.sde.drift(x, t) - 0.5 * broadcast_to_data(g2, x) * self.score_fn(x, t)
 
 

@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 from diffusion_jax import likelihood as likelihood_lib  # noqa: E402
 from diffusion_jax.analytic import GaussianMixture  # noqa: E402
-from diffusion_jax.sde import VPSDE, broadcast_to_data  # noqa: E402
+from diffusion_jax.sde import VPSDE  # noqa: E402
 
 
 def _median_time(fn, repeats):
@@ -79,15 +79,12 @@ def scipy_rk45(key, score_fn, sde, x, *, rtol, atol, repeats):
     k_probe, _ = jax.random.split(key)  # the probe log_likelihood draws from the same key
     probe = jax.random.rademacher(k_probe, (1,) + shape, x.dtype)[0]
 
+    flow = sde.probability_flow(score_fn)
+
     @jax.jit
     def rhs(y, t):
         t = jnp.full((batch,), t, y.dtype)
-
-        def v(y):
-            g2 = sde.diffusion_sq(t)
-            return sde.drift(y, t) - 0.5 * broadcast_to_data(g2, y) * score_fn(y, t)
-
-        vy, jv = jax.jvp(v, (y,), (probe,))
+        vy, jv = jax.jvp(lambda y: flow.vector_field(y, t), (y,), (probe,))
         return vy, jnp.sum((probe * jv).reshape(batch, -1), axis=1)
 
     def fun(t, state):
