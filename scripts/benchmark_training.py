@@ -2,7 +2,7 @@
 
     python scripts/benchmark_training.py [--configs configs/cifar10/ve/ncsnpp_continuous.py ...]
         [--batches 8 32] [--bf16 off on] [--remat off on] [--repeats 5] [--warmup 2]
-        [--peak-gflops X | --peak-size 2048] [--json results.jsonl]
+        [--peak-gflops X | --peak-size 2048] [--pytorch-json port.jsonl] [--profile N] [--json results.jsonl]
 
 One train step is what ``diffusion-jax train`` runs: :func:`make_train_step` (the loss forward
 and backward with dropout, gradient clipping, Adam, the EMA update and the non-finite check),
@@ -24,9 +24,18 @@ resident memory (``getrusage`` max RSS, compilation included) is its own. Report
 * peak RSS MB (the progress lines also give the RSS of the imported libraries alone), and
   XLA's own estimate of the step's buffers (arguments + outputs + temporaries,
   ``compiled.memory_analysis()``);
-* speed-up over score_sde's PyTorch port on the same kind of machine: the best of eager and
-  ``torch.compile`` per row of the shared fixtures' ``peer_timings.md`` (3.19 / 12.54 s for
-  NCSN++ at batch 8 / 32, 2.56 / 8.83 s for DDPM++), float32 without remat as they ran.
+* speed-up over score_sde's PyTorch port, float32 without remat as it runs: with
+  ``--pytorch-json``, the port's train step timed on this machine by
+  ``scripts/benchmark_pytorch_port.py --json``; otherwise the best of eager and ``torch.compile``
+  per row of the shared fixtures' ``peer_timings.md`` (another CPU: 3.19 / 12.54 s for NCSN++ at
+  batch 8 / 32, 2.56 / 8.83 s for DDPM++).
+
+``--profile N`` traces ``N`` more calls after the timed ones (``jax.profiler``, with XLA:CPU's
+per-operation trace events turned on by ``--xla_cpu_enable_xprof_traceme=true`` in the child's
+``XLA_FLAGS``) and reports, per call, how long the machine was busy with each kind of compiled
+operation: convolutions (fusions that contain one), dots, reductions, layout changes (transposes
+and copies) and other elementwise fusions. Operations of different kinds can run at the same
+time on the two cores, so the kinds add up to more than the busy time of all of them together.
 
 Prints a Markdown table; ``--json`` also writes one JSON object per configuration.
 """
@@ -48,7 +57,7 @@ DEFAULT_CONFIGS = ["configs/cifar10/ve/ncsnpp_continuous.py", "configs/cifar10/v
 
 # score_sde's PyTorch port, train step, seconds: best of eager and torch.compile
 # (the shared fixtures' peer_timings.md), keyed by config file name and batch.
-PYTORCH_SECONDS = {
+FIXTURE_PYTORCH_SECONDS = {
     ("ncsnpp_continuous", 8): 3.19,
     ("ncsnpp_continuous", 32): 12.54,
     ("ddpmpp_continuous", 8): 2.56,
@@ -141,12 +150,94 @@ def measure_step(spec: dict) -> dict:
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
+    busy = None
+    if spec.get("profile"):
+        busy, state = profile_calls(compiled, state, batch, spec["profile"])
     return dict(
-        spec, params=n_params, devices=jax.device_count(), compile_s=compile_s, step_s=step_s, times=times,
+        spec, busy_s=busy, params=n_params, devices=jax.device_count(), compile_s=compile_s, step_s=step_s, times=times,
         images_per_s=spec["batch"] / step_s, flops=flops, xla_buffers_mb=None if buffers is None else buffers / 2**20,
         rss_imports_mb=rss_imports, rss_after_compile_mb=rss_after_compile, peak_rss_mb=_max_rss_mb(),
         loss=float(np.asarray(metrics["loss"])[-1]),
     )
+
+
+def _operation_kinds(hlo_text: str) -> dict[str, str]:
+    """Kind of every instruction of a compiled module's text, by what its fused computation holds."""
+    import re
+
+    bodies, current = {}, None
+    for line in hlo_text.splitlines():
+        header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if header:
+            current = bodies.setdefault(header.group(1), [])
+        elif current is not None:
+            current.append(line)
+    kinds = {}
+    for line in hlo_text.splitlines():
+        m = re.match(r"\s+(?:ROOT )?%?([\w.\-]+) = \S+ ([\w\-]+)\(", line)
+        if not m:
+            continue
+        called = re.search(r"calls=%?([\w.\-]+)", line)
+        body = "\n".join(bodies.get(called.group(1), [])) if called else line
+        if " convolution(" in body:
+            kinds[m.group(1)] = "convolution"
+        elif " dot(" in body:
+            kinds[m.group(1)] = "dot"
+        elif " reduce(" in body or " reduce-window(" in body:
+            kinds[m.group(1)] = "reduction"
+        elif " transpose(" in body or " copy(" in body or m.group(2) in ("copy", "transpose"):
+            kinds[m.group(1)] = "layout (transpose, copy)"
+        else:
+            kinds[m.group(1)] = "other"
+    return kinds
+
+
+def _busy_seconds(intervals: list[tuple[int, int]]) -> float:
+    """Length of the union of [start, end) nanosecond intervals, in seconds."""
+    total, start, end = 0, None, None
+    for s, e in sorted(intervals):
+        if end is not None and s <= end:
+            end = max(end, e)
+            continue
+        if end is not None:
+            total += end - start
+        start, end = s, e
+    if end is not None:
+        total += end - start
+    return total / 1e9
+
+
+def profile_calls(compiled, state, batch, calls: int) -> tuple[dict, object]:
+    """Busy seconds per call for each kind of operation over ``calls`` traced calls."""
+    import collections
+    import glob
+    import tempfile
+
+    import jax
+
+    kinds = _operation_kinds(compiled.as_text())
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir)
+        for _ in range(calls):
+            state, metrics = compiled(state, batch)
+            jax.block_until_ready(metrics)
+        jax.profiler.stop_trace()
+        files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+        if not files:
+            raise RuntimeError("jax.profiler wrote no trace")
+        data = jax.profiler.ProfileData.from_file(files[0])
+    intervals = collections.defaultdict(list)
+    for plane in data.planes:
+        for line in plane.lines:
+            for event in line.events:
+                kind = kinds.get(event.name)
+                if kind is not None:
+                    interval = (event.start_ns, event.start_ns + event.duration_ns)
+                    intervals[kind].append(interval)
+                    intervals["all operations"].append(interval)
+    if not intervals:
+        raise RuntimeError("the trace has no per-operation events; is --xla_cpu_enable_xprof_traceme=true set?")
+    return {kind: _busy_seconds(v) / calls for kind, v in intervals.items()}, state
 
 
 def measure_peak(size: int, repeats: int) -> dict:
@@ -179,8 +270,10 @@ def _child(args) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _run_child(extra: list[str], timeout: int) -> dict:
+def _run_child(extra: list[str], timeout: int, xla_flags: str = "") -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if xla_flags:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + xla_flags).strip()
     proc = subprocess.run([sys.executable, __file__, *extra], capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=timeout)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
@@ -193,7 +286,23 @@ def _fmt(value, spec: str, missing="n/a") -> str:
     return missing if value is None else format(value, spec)
 
 
-def _table(rows: list[dict], peak: float) -> str:
+def load_pytorch_seconds(path: str) -> dict:
+    """Train-step seconds of the port from ``benchmark_pytorch_port.py --json``, keyed like
+    :data:`FIXTURE_PYTORCH_SECONDS`."""
+    names = {"ncsnpp": "ncsnpp_continuous", "ddpmpp": "ddpmpp_continuous"}
+    seconds = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                if r.get("what") == "train" and r.get("config") in names:
+                    seconds[(names[r["config"]], r["batch"])] = r["step_s"]
+    if not seconds:
+        raise SystemExit(f"--pytorch-json {path}: no train-step rows of benchmark_pytorch_port.py in it")
+    return seconds
+
+
+def _table(rows: list[dict], peak: float, pytorch_seconds: dict) -> str:
     head = ("| network | params | batch | bf16 | remat | compile s | step s | images/s | GFLOP/step | GFLOP/s | MFU | "
             "peak RSS MB | XLA buffers MB | PyTorch s | speed-up |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -201,7 +310,7 @@ def _table(rows: list[dict], peak: float) -> str:
         name = pathlib.Path(r["config"]).stem
         gflop = None if r["flops"] is None else r["flops"] / 1e9
         rate = None if gflop is None else gflop / r["step_s"]
-        torch_s = PYTORCH_SECONDS.get((name, r["batch"])) if not (r["bf16"] or r["remat"]) else None
+        torch_s = pytorch_seconds.get((name, r["batch"])) if not (r["bf16"] or r["remat"]) else None
         lines.append(
             f"| {name} | {r['params'] / 1e6:.2f}M | {r['batch']} | {'on' if r['bf16'] else 'off'} | "
             f"{'on' if r['remat'] else 'off'} | {r['compile_s']:.1f} | {r['step_s']:.3f} | {r['images_per_s']:.2f} | "
@@ -209,6 +318,18 @@ def _table(rows: list[dict], peak: float) -> str:
             f"{r['peak_rss_mb']:,.0f} | {_fmt(r['xla_buffers_mb'], ',.0f')} | {_fmt(torch_s, '.2f', '')} | "
             f"{_fmt(None if torch_s is None else torch_s / r['step_s'], '.2f', '')}{'x' if torch_s else ''} |"
         )
+    return "\n".join(lines)
+
+
+def _profile_table(rows: list[dict]) -> str:
+    kinds = ["convolution", "layout (transpose, copy)", "other", "reduction", "dot", "all operations"]
+    head = "| network | batch | bf16 | remat | step s | " + " | ".join(kinds) + " |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        busy = r.get("busy_s") or {}
+        lines.append(f"| {pathlib.Path(r['config']).stem} | {r['batch']} | {'on' if r['bf16'] else 'off'} | "
+                     f"{'on' if r['remat'] else 'off'} | {r['step_s']:.3f} | "
+                     + " | ".join(_fmt(busy.get(k), ".3f") for k in kinds) + " |")
     return "\n".join(lines)
 
 
@@ -224,6 +345,11 @@ def main(argv=None):
     parser.add_argument("--peak-size", type=int, default=2048, help="matrix side of the peak measurement")
     parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides as Python literals, e.g. model.nf=8 (for a quick check)")
+    parser.add_argument("--pytorch-json", default=None,
+                        help="the port's timings on this machine (benchmark_pytorch_port.py --json) for the "
+                             "speed-up column; default: the shared fixtures' peer_timings.md")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="trace N more calls and report the busy time per kind of operation")
     parser.add_argument("--json", default=None, help="also write one JSON object per configuration here")
     parser.add_argument("--timeout", type=int, default=7200, help="seconds per configuration")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -241,6 +367,10 @@ def main(argv=None):
             overrides[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             overrides[key] = value
+    if args.pytorch_json:
+        pytorch_seconds, pytorch_source = load_pytorch_seconds(args.pytorch_json), f"this machine ({args.pytorch_json})"
+    else:
+        pytorch_seconds, pytorch_source = FIXTURE_PYTORCH_SECONDS, "peer_timings.md (another CPU)"
     import jax
 
     print(f"# jax {jax.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), "
@@ -259,9 +389,10 @@ def main(argv=None):
     try:
         for config, batch, bf16, remat in itertools.product(args.configs, args.batches, args.bf16, args.remat):
             spec = dict(config=config, batch=batch, bf16=bf16 == "on", remat=remat == "on", repeats=args.repeats,
-                        warmup=args.warmup, overrides=overrides)
+                        warmup=args.warmup, overrides=overrides, profile=args.profile)
             t0 = time.perf_counter()
-            r = _run_child(["--one", json.dumps(spec)], args.timeout)
+            r = _run_child(["--one", json.dumps(spec)], args.timeout,
+                           "--xla_cpu_enable_xprof_traceme=true" if args.profile else "")
             rows.append(r)
             print(f"# {pathlib.Path(config).stem} batch {batch} bf16 {bf16} remat {remat}: compile {r['compile_s']:.1f} s, "
                   f"step {r['step_s']:.3f} s, peak RSS {r['peak_rss_mb']:,.0f} MB (libraries alone "
@@ -274,7 +405,15 @@ def main(argv=None):
         if out:
             out.close()
     print()
-    print(_table(rows, peak_gflops))
+    print(f"PyTorch s: score_sde's PyTorch port, train step, from {pytorch_source}")
+    print()
+    print(_table(rows, peak_gflops, pytorch_seconds))
+    if args.profile:
+        print()
+        print(f"Busy seconds per step by kind of operation (mean of {args.profile} traced calls; kinds overlap "
+              "in time)")
+        print()
+        print(_profile_table(rows))
 
 
 if __name__ == "__main__":
