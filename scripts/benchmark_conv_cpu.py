@@ -29,10 +29,9 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import time
 
 import numpy as np
+from _bench import median_seconds
 
 # (H = W, channels) of the 3x3 convolutions in NCSN++ / DDPM++ on 32x32 CIFAR-10 (ch_mult 1,2,2,2).
 SHAPES = [(32, 128), (16, 256), (8, 256), (4, 256)]
@@ -57,13 +56,8 @@ WINOGRAD = {
 
 
 def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up (and compilation for jitted functions)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median of ``repeats`` calls after one warm-up call (which also compiles jitted functions)."""
+    return median_seconds(fn, repeats, warmup=1)[0]
 
 
 def direct_conv(x, w):

@@ -32,10 +32,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import pathlib
 import platform
-import statistics
 import sys
 import time
 
@@ -50,15 +48,7 @@ sys.path.insert(0, str(ROOT))
 from diffusion_jax import likelihood as likelihood_lib  # noqa: E402
 from diffusion_jax.analytic import GaussianMixture  # noqa: E402
 from diffusion_jax.sde import VPSDE  # noqa: E402
-
-
-def _median_time(fn, repeats):
-    times, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+from _bench import median_seconds  # noqa: E402
 
 
 def ours(key, score_fn, sde, x, *, rtol, atol, error_norm, repeats):
@@ -68,7 +58,7 @@ def ours(key, score_fn, sde, x, *, rtol, atol, error_norm, repeats):
     t0 = time.perf_counter()
     jax.block_until_ready(f(key, x))
     first = time.perf_counter() - t0
-    seconds, (logp, info) = _median_time(lambda: jax.block_until_ready(f(key, x)), repeats)
+    seconds, (logp, info) = median_seconds(lambda: jax.block_until_ready(f(key, x)), repeats)
     assert bool(jnp.all(info.success)), "the solver did not reach T"
     return {"seconds": seconds, "compile_seconds": first - seconds, "nfe": int(info.nfe)}, np.asarray(logp)
 
@@ -95,7 +85,7 @@ def scipy_rk45(key, score_fn, sde, x, *, rtol, atol, repeats):
     init = np.concatenate([np.asarray(x, np.float64).ravel(), np.zeros(batch)])
     solve = lambda: scipy.integrate.solve_ivp(fun, (sde.t_min, sde.T), init, rtol=rtol, atol=atol, method="RK45")
     solve()  # compiles the vector field
-    seconds, sol = _median_time(solve, repeats)
+    seconds, sol = median_seconds(solve, repeats)
     assert sol.success, sol.message
     z = jnp.asarray(sol.y[:-batch, -1].reshape(shape), x.dtype)
     logp = np.asarray(sde.prior_logp(z), np.float64) + sol.y[-batch:, -1]
@@ -157,7 +147,7 @@ def main():
         results = [("scipy RK45 (host)", "one for the batch", ref, ref_logp)]
         for norm, label in (("per_sample", "per example"), ("rms", "one for the batch")):
             res, logp = ours(key, score_fn, sde, x, rtol=args.rtol, atol=args.atol, error_norm=norm, repeats=args.repeats)
-            results.append((f"diffusion_jax dopri5 (jit)", label, res, logp))
+            results.append(("diffusion_jax dopri5 (jit)", label, res, logp))
         for solver, steps, res, logp in results:
             diff = float(np.max(np.abs(logp - ref_logp))) / d
             err = float(np.mean(np.abs(logp - exact))) / d if exact is not None else None

@@ -50,6 +50,8 @@ import sys
 import time
 from typing import NamedTuple
 
+from _bench import max_rss_mb
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -228,12 +230,6 @@ def check_upfirdn2d() -> list[dict]:
 # --------------------------------------------------------------------------------------------
 
 
-def _max_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
-
-
 def missing_port_files(port_dir: pathlib.Path, configs: list[str]) -> list[str]:
     needed = list(PORT_FILES) + [PORT_CONFIGS[name].path for name in configs]
     return [f for f in needed if not (port_dir / f).is_file()]
@@ -285,7 +281,7 @@ def measure(spec: dict) -> dict:
     port_dir = pathlib.Path(spec["port_dir"]).resolve()
     port = _import_port(port_dir)
     losses, mutils, sde_lib = port["losses"], port["models.utils"], port["sde_lib"]
-    rss_imports = _max_rss_mb()
+    rss_imports = max_rss_mb()
 
     torch.manual_seed(0)
     config = _load_config(port_dir, PORT_CONFIGS[spec["config"]].path)
@@ -329,7 +325,7 @@ def measure(spec: dict) -> dict:
         raise FloatingPointError(f"{spec['config']} {spec['what']}: non-finite output {value}")
     step_s = statistics.median(times[spec["warmup"]:])
     return dict(spec, params=n_params, trainable_params=n_trainable, first_call_s=times[0], step_s=step_s, times=times,
-                images_per_s=spec["batch"] / step_s, rss_imports_mb=rss_imports, peak_rss_mb=_max_rss_mb(),
+                images_per_s=spec["batch"] / step_s, rss_imports_mb=rss_imports, peak_rss_mb=max_rss_mb(),
                 output=value, threads_used=torch.get_num_threads(), torch=torch.__version__)
 
 

@@ -52,6 +52,8 @@ import subprocess
 import sys
 import time
 
+from _bench import max_rss_mb
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_CONFIGS = ["configs/cifar10/ve/ncsnpp_continuous.py", "configs/cifar10/vp/ddpmpp_continuous.py"]
 
@@ -68,12 +70,6 @@ FIXTURE_PYTORCH_SECONDS = {
 # --------------------------------------------------------------------------------------------
 # Child processes: one measurement each
 # --------------------------------------------------------------------------------------------
-
-
-def _max_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
 
 
 def _set(config, dotted: str, value):
@@ -98,7 +94,7 @@ def measure_step(spec: dict) -> dict:
     from diffusion_jax.training.state import init_train_state
     from diffusion_jax.training.step import make_train_step, replicate, shard_batch
 
-    rss_imports = _max_rss_mb()  # the libraries alone, before any network or compilation
+    rss_imports = max_rss_mb()  # the libraries alone, before any network or compilation
     config = load_config(str(ROOT / spec["config"]) if not os.path.isabs(spec["config"]) else spec["config"])
     config.training.batch_size = spec["batch"]
     config.model.dtype = "bfloat16" if spec["bf16"] else "float32"
@@ -138,7 +134,7 @@ def measure_step(spec: dict) -> dict:
     if memory is not None:
         buffers = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
                    - memory.alias_size_in_bytes)
-    rss_after_compile = _max_rss_mb()
+    rss_after_compile = max_rss_mb()
 
     for _ in range(spec["warmup"]):
         state, metrics = compiled(state, batch)
@@ -156,7 +152,7 @@ def measure_step(spec: dict) -> dict:
     return dict(
         spec, busy_s=busy, params=n_params, devices=jax.device_count(), compile_s=compile_s, step_s=step_s, times=times,
         images_per_s=spec["batch"] / step_s, flops=flops, xla_buffers_mb=None if buffers is None else buffers / 2**20,
-        rss_imports_mb=rss_imports, rss_after_compile_mb=rss_after_compile, peak_rss_mb=_max_rss_mb(),
+        rss_imports_mb=rss_imports, rss_after_compile_mb=rss_after_compile, peak_rss_mb=max_rss_mb(),
         loss=float(np.asarray(metrics["loss"])[-1]),
     )
 
