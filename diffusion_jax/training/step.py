@@ -71,6 +71,22 @@ def shard_batch(batch: dict, mesh: Mesh, *, leading_steps: bool = False) -> dict
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 
+def _after(carry, x):
+    """``x`` unchanged, but computed only once every leaf of ``carry`` is.
+
+    Orders the iterations of an unrolled loop: without it XLA may run all micro-batches'
+    forward passes before any backward pass and keep every micro-batch's activations alive at
+    once, so gradient accumulation would save no memory (and the larger working set runs
+    slower on CPU; BENCHMARKS.md). ``lax.optimization_barrier`` does not order them on XLA:CPU,
+    which removes barriers before scheduling, so this adds a zero that depends on one element of
+    every leaf of ``carry`` to the floating-point leaves of ``x`` (non-finite values are masked
+    first, so they cannot leak into ``x``).
+    """
+    tie = sum(jnp.ravel(leaf)[0].astype(jnp.float32) for leaf in jax.tree_util.tree_leaves(carry) if leaf.size)
+    zero = jnp.where(jnp.isfinite(tie), tie, 0.0) * 0.0
+    return jax.tree_util.tree_map(lambda v: v + zero.astype(v.dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v, x)
+
+
 def make_train_step(
     loss_fn: Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]],
     optimizer: optax.GradientTransformation,
@@ -103,7 +119,10 @@ def make_train_step(
         n = jax.tree_util.tree_leaves(xs)[0].shape[0]
         outs = []
         for i in range(n):
-            carry, out = body(carry, jax.tree_util.tree_map(lambda v: v[i], xs))
+            x_i = jax.tree_util.tree_map(lambda v: v[i], xs)
+            if i:
+                x_i = _after(carry, x_i)
+            carry, out = body(carry, x_i)
             outs.append(out)
         stacked = None if outs[0] is None else jax.tree_util.tree_map(lambda *v: jnp.stack(v), *outs)
         return carry, stacked
