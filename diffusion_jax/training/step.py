@@ -74,7 +74,7 @@ def shard_batch(batch: dict, mesh: Mesh, *, leading_steps: bool = False) -> dict
 def _after(carry, x):
     """``x`` unchanged, but computed only once every leaf of ``carry`` is.
 
-    Orders the iterations of an unrolled loop: without it XLA may run all micro-batches'
+    Orders the micro-batches of an unrolled accumulation loop: without it XLA may run all their
     forward passes before any backward pass and keep every micro-batch's activations alive at
     once, so gradient accumulation would save no memory (and the larger working set runs
     slower on CPU; BENCHMARKS.md). ``lax.optimization_barrier`` does not order them on XLA:CPU,
@@ -112,15 +112,16 @@ def make_train_step(
     if unroll is None:
         unroll = jax.default_backend() == "cpu"
 
-    def loop(body, carry, xs):
-        """``lax.scan(body, carry, xs)``, or its unrolled form."""
+    def loop(body, carry, xs, ordered=False):
+        """``lax.scan(body, carry, xs)``, or its unrolled form; ``ordered``: each unrolled
+        iteration starts after the previous one has finished (see :func:`_after`)."""
         if not unroll:
             return jax.lax.scan(body, carry, xs)
         n = jax.tree_util.tree_leaves(xs)[0].shape[0]
         outs = []
         for i in range(n):
             x_i = jax.tree_util.tree_map(lambda v: v[i], xs)
-            if i:
+            if ordered and i:
                 x_i = _after(carry, x_i)
             carry, out = body(carry, x_i)
             outs.append(out)
@@ -154,7 +155,7 @@ def make_train_step(
             return (loss_sum + loss, jax.tree_util.tree_map(jnp.add, grad_sum, grads)), None
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-        (loss_sum, grad_sum), _ = loop(body, (jnp.zeros((), jnp.float32), zeros), (micro, keys))
+        (loss_sum, grad_sum), _ = loop(body, (jnp.zeros((), jnp.float32), zeros), (micro, keys), ordered=True)
         scale = 1.0 / grad_accum_steps
         return loss_sum * scale, jax.tree_util.tree_map(lambda g: g * scale, grad_sum)
 
