@@ -45,12 +45,11 @@ import os
 import pathlib
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from typing import NamedTuple
 
-from _bench import max_rss_mb
+from _bench import max_rss_mb, print_result, run_child
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -334,16 +333,6 @@ def measure(spec: dict) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _run_child(spec: dict, timeout: int) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--port-dir", spec["port_dir"], "--one", json.dumps(spec)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=timeout)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"benchmark child for {spec['config']} {spec['what']} batch {spec['batch']} failed "
-                           f"({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
-
-
 def _table(rows: list[dict]) -> str:
     head = ("| network | params | what | batch | threads | first call s | step s | images/s | peak RSS MB | "
             "peer_timings.md eager s (Xeon) |")
@@ -375,7 +364,7 @@ def main(argv=None):
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
-        print("RESULT " + json.dumps(measure(json.loads(args.one))), flush=True)
+        print_result(measure(json.loads(args.one)))
         return
 
     if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
@@ -415,7 +404,8 @@ def main(argv=None):
         for spec in specs:
             spec.update(repeats=args.repeats, warmup=args.warmup, threads=args.threads, port_dir=str(port_dir))
             t0 = time.perf_counter()
-            r = _run_child(spec, args.timeout)
+            r = run_child(__file__, ["--port-dir", spec["port_dir"], "--one", json.dumps(spec)],
+                          timeout=args.timeout, cwd=ROOT)
             rows.append(r)
             print(f"# {spec['config']} {spec['what']} batch {spec['batch']}: first call {r['first_call_s']:.3f} s, "
                   f"step {r['step_s']:.3f} s, peak RSS {r['peak_rss_mb']:,.0f} MB (libraries alone "

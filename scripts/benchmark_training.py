@@ -48,11 +48,9 @@ import json
 import os
 import pathlib
 import platform
-import subprocess
-import sys
 import time
 
-from _bench import max_rss_mb
+from _bench import max_rss_mb, print_result, run_child
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_CONFIGS = ["configs/cifar10/ve/ncsnpp_continuous.py", "configs/cifar10/vp/ddpmpp_continuous.py"]
@@ -258,7 +256,7 @@ def _child(args) -> None:
         result = measure_peak(args.peak_size, args.repeats)
     else:
         result = measure_step(json.loads(args.one))
-    print("RESULT " + json.dumps(result), flush=True)
+    print_result(result)
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,12 +268,7 @@ def _run_child(extra: list[str], timeout: int, xla_flags: str = "") -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if xla_flags:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + xla_flags).strip()
-    proc = subprocess.run([sys.executable, __file__, *extra], capture_output=True, text=True, env=env, cwd=ROOT,
-                          timeout=timeout)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"benchmark child {' '.join(extra)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_child(__file__, extra, timeout=timeout, cwd=ROOT, env=env)
 
 
 def _fmt(value, spec: str, missing="n/a") -> str:
