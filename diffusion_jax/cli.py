@@ -25,9 +25,13 @@ flags.DEFINE_integer("num_samples", None, "sample: number of samples (default: c
 flags.DEFINE_string("out", None, "sample: output path without suffix (writes .npz and .png).")
 flags.DEFINE_integer("step", None, "sample: checkpoint step (default: the newest).")
 flags.DEFINE_integer("stop_after", None, "train: stop (with a checkpoint) after this many steps.")
-flags.DEFINE_string("checkpoint", None, "convert: the score_sde checkpoint (.pth, or msgpack for --source=score_sde_jax).")
+flags.DEFINE_string(
+    "checkpoint", None, "convert: the score_sde checkpoint (.pth, or msgpack for --source=score_sde_jax)."
+)
 flags.DEFINE_enum("source", "score_sde_pytorch", ["score_sde_pytorch", "score_sde_jax"], "convert: checkpoint format.")
-flags.DEFINE_string("cache_dir", None, "Persistent compilation cache (default $DIFFUSION_JAX_CACHE or ~/.cache/diffusion_jax/jax).")
+flags.DEFINE_string(
+    "cache_dir", None, "Persistent compilation cache (default $DIFFUSION_JAX_CACHE or ~/.cache/diffusion_jax/jax)."
+)
 flags.DEFINE_boolean("compilation_cache", True, "Use JAX's persistent compilation cache.")
 
 
@@ -48,8 +52,10 @@ def _say(msg: str) -> None:
 
 
 def _usage(msg: str) -> int:
-    _say(f"diffusion-jax: {msg}\nusage: diffusion-jax {{{','.join(MODES)}}} --config CONFIG.py --workdir DIR "
-         "[--config.section.key=value ...]")
+    _say(
+        f"diffusion-jax: {msg}\nusage: diffusion-jax {{{','.join(MODES)}}} --config CONFIG.py --workdir DIR "
+        "[--config.section.key=value ...]"
+    )
     return 2
 
 
@@ -65,8 +71,8 @@ def _run(argv) -> int:
     logging.getLogger("jax").setLevel(logging.WARNING)  # e.g. the notice that no TPU runtime is installed
     from diffusion_jax.builders import experiment
     from diffusion_jax.builders.config import ConfigError
-    from diffusion_jax.training.distributed import compilation_cache
     from diffusion_jax.training.checkpoint import CheckpointSaveError
+    from diffusion_jax.training.distributed import compilation_cache
     from diffusion_jax.training.loop import Preempted, TrainingDiverged
 
     if FLAGS.compilation_cache:
@@ -82,7 +88,9 @@ def _run(argv) -> int:
         elif mode == "eval":
             experiment.evaluate(FLAGS.config, FLAGS.workdir)
         else:
-            experiment.sample(FLAGS.config, FLAGS.workdir, num_samples=FLAGS.num_samples, out=FLAGS.out, step=FLAGS.step)
+            experiment.sample(
+                FLAGS.config, FLAGS.workdir, num_samples=FLAGS.num_samples, out=FLAGS.out, step=FLAGS.step
+            )
     except ConfigError as e:
         _say(f"diffusion-jax {mode}: {e}")
         return 2
@@ -97,8 +105,10 @@ def _run(argv) -> int:
         return 4
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            _say(f"diffusion-jax {mode}: disk full while writing {e.filename or ''} ({e.strerror}); "
-                 "the checkpoints already saved are intact")
+            _say(
+                f"diffusion-jax {mode}: disk full while writing {e.filename or ''} ({e.strerror}); "
+                "the checkpoints already saved are intact"
+            )
             return 4
         raise
     return 0

@@ -19,7 +19,8 @@ dequantization ``x = lo + (hi - lo) (k + u) / L``: ``-log2 P(k) <= E_u[-log2 p(x
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import flax.struct
 import jax
@@ -82,6 +83,7 @@ def divergence_fn(vector_field, *, estimator: str, probes: Array | None = None):
         return v, jnp.sum((e * jv).reshape(x.shape[0], -1), axis=1)
 
     if estimator != "exact":
+
         def fn(x, t):
             v, div = jax.vmap(lambda e: per_probe(x, t, e), out_axes=(None, 1))(probes)
             return v, div
@@ -177,8 +179,9 @@ def log_likelihood(
 
     n_div = 1 if estimator == "exact" else num_probes
     y0 = (x, jnp.zeros((batch, n_div), dtype))
-    (z, delta), stats = odeint(ode, y0, t0, sde.T, solver=solver, rtol=rtol, atol=atol,
-                               error_norm=error_norm, max_steps=max_steps)
+    (z, delta), stats = odeint(
+        ode, y0, t0, sde.T, solver=solver, rtol=rtol, atol=atol, error_norm=error_norm, max_steps=max_steps
+    )
     prior = (sde.prior_logp if prior_logp is None else prior_logp)(z)
     logp_probes = prior[:, None] + delta + correction[:, None]
     logp = jnp.mean(logp_probes, axis=1)
@@ -291,8 +294,9 @@ def evaluate_dataset(
     def per_batch(key, x, labels):
         score_fn = score_fn_for(labels)
         if discrete:
-            values, info = bits_per_dim(key, score_fn, sde, disc.levels_from_grid(x), discretization=disc,
-                                        num_draws=num_draws, **kwargs)
+            values, info = bits_per_dim(
+                key, score_fn, sde, disc.levels_from_grid(x), discretization=disc, num_draws=num_draws, **kwargs
+            )
         else:
             logp, info = log_likelihood(key, score_fn, sde, x, **kwargs)
             values = -logp / math.prod(x.shape[1:])
@@ -304,7 +308,11 @@ def evaluate_dataset(
         batch = place(batch)
         values, nfe, success = fn(jax.random.fold_in(key, i), batch["image"], batch.get("label"))
         values, success = np.asarray(jax.device_get(values)), np.asarray(jax.device_get(success))
-        mask = np.ones(values.shape, bool) if "mask" not in batch else np.asarray(jax.device_get(batch["mask"])).astype(bool)
+        mask = (
+            np.ones(values.shape, bool)
+            if "mask" not in batch
+            else np.asarray(jax.device_get(batch["mask"])).astype(bool)
+        )
         values_all.append(values[mask])
         failures += int(np.sum(~success[mask]))
         nfes.append(int(nfe))

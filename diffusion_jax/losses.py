@@ -28,7 +28,8 @@ and an importance weight; losses are pure functions ``loss_fn(params, batch, key
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax

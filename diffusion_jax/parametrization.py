@@ -24,13 +24,13 @@ Networks know nothing of SDEs; samplers and losses talk to networks only through
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.sde import LinearSDE, SDE, broadcast_to_data
+from diffusion_jax.sde import SDE, LinearSDE, broadcast_to_data
 
 Array = jax.Array
 
@@ -236,9 +236,7 @@ class Parametrization(flax.struct.PyTreeNode):
         if self.output not in OUTPUTS:
             raise ValueError(f"unknown network output {self.output!r}; valid: {', '.join(OUTPUTS)}")
         if self.noise_cond not in NOISE_CONDITIONINGS:
-            raise ValueError(
-                f"unknown noise conditioning {self.noise_cond!r}; valid: {', '.join(NOISE_CONDITIONINGS)}"
-            )
+            raise ValueError(f"unknown noise conditioning {self.noise_cond!r}; valid: {', '.join(NOISE_CONDITIONINGS)}")
         if self.input_scaling not in ("none", "edm"):
             raise ValueError(f"unknown input scaling {self.input_scaling!r}; valid: none, edm")
 
@@ -276,8 +274,9 @@ class Parametrization(flax.struct.PyTreeNode):
         c_skip, c_out, _ = self._edm_coefs(sde, t)
         return broadcast_to_data(c_skip / a, x) * x + broadcast_to_data(c_out, x) * out
 
-    def apply(self, net: Callable[[Array, Array], Array], sde: SDE, x: Array, t: Array,
-              kind: str | None = None) -> Array:
+    def apply(
+        self, net: Callable[[Array, Array], Array], sde: SDE, x: Array, t: Array, kind: str | None = None
+    ) -> Array:
         """Call ``net`` at ``(x, t)`` and return a prediction of ``kind`` (default: native)."""
         x_in, c_noise = self.network_inputs(sde, x, t)
         pred = self.prediction(sde, x, t, net(x_in, c_noise))

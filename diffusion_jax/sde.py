@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax
@@ -169,12 +170,12 @@ class SDE(flax.struct.PyTreeNode):
         like ``t``, per example (shape a prefix of ``x.shape``)."""
         return self.drift(x, t) * broadcast_to_data(dt, x), self.diffusion(t) * jnp.sqrt(jnp.abs(dt))
 
-    def reverse(self, score_fn: ScoreFn, *, probability_flow: bool = False) -> "ReverseSDE":
+    def reverse(self, score_fn: ScoreFn, *, probability_flow: bool = False) -> ReverseSDE:
         """The reverse-time SDE (Anderson 1982; Song et al. 2021, eq. 6) or, with
         ``probability_flow=True``, the probability-flow ODE (eq. 13)."""
         return ReverseSDE(sde=self, score_fn=score_fn, probability_flow=probability_flow)
 
-    def probability_flow(self, score_fn: ScoreFn) -> "ProbabilityFlowODE":
+    def probability_flow(self, score_fn: ScoreFn) -> ProbabilityFlowODE:
         return ProbabilityFlowODE(sde=self, score_fn=score_fn)
 
 
@@ -768,7 +769,5 @@ def get_sde(name: str, **kwargs) -> SDE:
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(kwargs) - fields)
     if unknown:
-        raise ValueError(
-            f"unknown parameter(s) {unknown} for SDE {name!r}; valid: {', '.join(sorted(fields))}"
-        )
+        raise ValueError(f"unknown parameter(s) {unknown} for SDE {name!r}; valid: {', '.join(sorted(fields))}")
     return cls(**kwargs)

@@ -21,17 +21,27 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "digits" / "ddpmpp_vp.py"
 
-EDM_ON_VP = ["--config.model.output=edm", "--config.model.noise_cond=edm", "--config.training.weighting=edm",
-             "--config.training.time_sampler=lognormal"]
+EDM_ON_VP = [
+    "--config.model.output=edm",
+    "--config.model.noise_cond=edm",
+    "--config.training.weighting=edm",
+    "--config.training.time_sampler=lognormal",
+]
 
 VARIANTS = {
     "A_vp_eps_dpmpp2m": [],
     "B_vp_edm_precond": EDM_ON_VP,
     "C_vp_eps_nf64": ["--config.model.nf=64"],
     "D_vp_eps_nf16": ["--config.model.nf=16"],
-    "E_edm_sde_heun": ["--config.training.sde=edm", "--config.model.sigma_min=0.002", "--config.model.sigma_max=80.0",
-                       "--config.training.weighting=edm", "--config.training.time_sampler=lognormal",
-                       "--config.sampling.method=heun", "--config.sampling.num_steps=12"],
+    "E_edm_sde_heun": [
+        "--config.training.sde=edm",
+        "--config.model.sigma_min=0.002",
+        "--config.model.sigma_max=80.0",
+        "--config.training.weighting=edm",
+        "--config.training.time_sampler=lognormal",
+        "--config.sampling.method=heun",
+        "--config.sampling.num_steps=12",
+    ],
     "F_vp_eps_lr1e-3": ["--config.optim.lr=1e-3"],
     "G_vp_edm_precond_nf64": EDM_ON_VP + ["--config.model.nf=64"],
 }
@@ -61,20 +71,33 @@ def main():
     for name in wanted:
         work = root / name
         common = [sys.executable, "-m", "diffusion_jax"]
-        overrides = [f"--config={CONFIG}", f"--workdir={work}", f"--config.training.n_iters={args.steps}",
-                     "--config.training.snapshot_sampling=False", *VARIANTS[name]]
+        overrides = [
+            f"--config={CONFIG}",
+            f"--workdir={work}",
+            f"--config.training.n_iters={args.steps}",
+            "--config.training.snapshot_sampling=False",
+            *VARIANTS[name],
+        ]
         train_s, out = run(common + ["train", *overrides])
         samples = work / "sweep_samples"
         sample_s, _ = run(common + ["sample", *overrides, f"--num_samples={args.samples}", f"--out={samples}"])
         _, q = run([sys.executable, str(ROOT / "scripts" / "digits_quality.py"), f"{samples}.npz"])
         quality = json.loads(q)["samples"]
         summary = json.loads((work / "summary.json").read_text())
-        results[name] = {"train_seconds_wall": train_s, "steps_per_second": summary["steps_per_second"],
-                         "final_loss": summary["last_metrics"].get("loss"), "sample_seconds_wall": sample_s, **quality}
+        results[name] = {
+            "train_seconds_wall": train_s,
+            "steps_per_second": summary["steps_per_second"],
+            "final_loss": summary["last_metrics"].get("loss"),
+            "sample_seconds_wall": sample_s,
+            **quality,
+        }
         root.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(results, indent=2))
-        print(f"{name:26s} IS {quality['inception_score']:.2f}  nn {quality['nn_distance_ratio']:.2f}  "
-              f"train {train_s:.0f}s ({summary['steps_per_second']:.2f} steps/s)", flush=True)
+        print(
+            f"{name:26s} IS {quality['inception_score']:.2f}  nn {quality['nn_distance_ratio']:.2f}  "
+            f"train {train_s:.0f}s ({summary['steps_per_second']:.2f} steps/s)",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -41,9 +41,10 @@ def run_child(script: str, argv: list[str], *, timeout: int, cwd, env: dict | No
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, cwd=cwd, env=env,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, script, *argv], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"benchmark child {' '.join(argv)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])

@@ -46,10 +46,22 @@ WINOGRAD = {
     ),
     "F(4x4,3x3)": dict(
         m=4,
-        BT=[[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0], [0, -2, -1, 2, 1, 0],
-            [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]],
-        G=[[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
-           [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]],
+        BT=[
+            [4, 0, -5, 0, 1, 0],
+            [0, -4, -4, 1, 1, 0],
+            [0, 4, -4, -1, 1, 0],
+            [0, -2, -1, 2, 1, 0],
+            [0, 2, -1, -2, 1, 0],
+            [0, 4, 0, -5, 0, 1],
+        ],
+        G=[
+            [1 / 4, 0, 0],
+            [-1 / 6, -1 / 6, -1 / 6],
+            [-1 / 6, 1 / 6, -1 / 6],
+            [1 / 24, 1 / 12, 1 / 6],
+            [1 / 24, -1 / 12, 1 / 6],
+            [0, 0, 1],
+        ],
         AT=[[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
     ),
 }
@@ -77,9 +89,9 @@ def winograd_conv(x, w, spec: dict):
     k = w.shape[-1]
     th, tw = -(-h // m), -(-wd // m)
     xp = jnp.pad(x, ((0, 0), (1, th * m + 1 - h), (1, tw * m + 1 - wd), (0, 0)))
-    rows = jnp.stack([xp[:, i:i + m * th:m] for i in range(a)], 0)  # (a, n, th, W_pad, c)
+    rows = jnp.stack([xp[:, i : i + m * th : m] for i in range(a)], 0)  # (a, n, th, W_pad, c)
     v = jnp.einsum("ai,inhwc->anhwc", BT, rows)
-    cols = jnp.stack([v[:, :, :, j:j + m * tw:m] for j in range(a)], 1)  # (a, a, n, th, tw, c)
+    cols = jnp.stack([v[:, :, :, j : j + m * tw : m] for j in range(a)], 1)  # (a, a, n, th, tw, c)
     v = jnp.einsum("bj,ajnhwc->abnhwc", BT, cols).reshape(a, a, n * th * tw, c)
     u = jnp.einsum("ai,ijck,bj->abck", G, w, G)
     prod = jnp.einsum("abpc,abck->abpk", v, u).reshape(a, a, n, th, tw, k)
@@ -116,7 +128,7 @@ def measure_xla(batch: int, size: int, channels: int, repeats: int, winograd: bo
             conv = lambda x, w, spec=spec: winograd_conv(x, w, spec)  # noqa: E731
             error = float(jnp.max(jnp.abs(jax.jit(conv)(x, w) - reference)) / jnp.max(jnp.abs(reference)))
             g = grad_of(conv)
-            out[f"winograd {name}"] = _median_seconds(lambda: jax.block_until_ready(g(x, w)), repeats)
+            out[f"winograd {name}"] = _median_seconds(lambda g=g: jax.block_until_ready(g(x, w)), repeats)
             out[f"winograd {name} error"] = error
     return out
 
@@ -185,33 +197,47 @@ def main(argv=None):
         except ImportError:
             parser.error("PyTorch is not installed; pass --no-torch for the XLA rows alone")
         torch.set_num_threads(args.threads)
-    print(f"# jax {jax.__version__}" + (f", torch {torch.__version__} ({args.threads} threads)" if use_torch else "")
-          + f"; {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), "
-          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
+    print(
+        f"# jax {jax.__version__}"
+        + (f", torch {torch.__version__} ({args.threads} threads)" if use_torch else "")
+        + f"; {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
+        flush=True,
+    )
     peaks = matmul_peaks(args.repeats, use_torch)
     print("# float32 2048^2 matmul: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()), flush=True)
 
     rows = []
     for batch in args.batch:
         for size, channels in SHAPES:
-            r = dict(batch=batch, size=size, channels=channels,
-                     flops=2 * batch * size * size * 9 * channels * channels)
+            r = dict(batch=batch, size=size, channels=channels, flops=2 * batch * size * size * 9 * channels * channels)
             r.update(measure_xla(batch, size, channels, args.repeats, not args.no_winograd))
             if use_torch:
                 r.update(measure_torch(batch, size, channels, args.repeats))
             rows.append(r)
-            print(f"# {batch}x{size}x{size}x{channels}: XLA fwd+dgrad+wgrad {r['xla_all'] * 1e3:.1f} ms"
-                  + (f", PyTorch {r['torch_all'] * 1e3:.1f} ms" if use_torch else ""), flush=True)
+            print(
+                f"# {batch}x{size}x{size}x{channels}: XLA fwd+dgrad+wgrad {r['xla_all'] * 1e3:.1f} ms"
+                + (f", PyTorch {r['torch_all'] * 1e3:.1f} ms" if use_torch else ""),
+                flush=True,
+            )
     if args.json:
         with open(args.json, "w") as out:
             for r in rows:
                 out.write(json.dumps(dict(r, matmul_peaks=peaks)) + "\n")
 
-    cols = [("XLA fwd", "xla_fwd", 1), ("XLA dgrad", "xla_dgrad", 1), ("XLA wgrad", "xla_wgrad", 1),
-            ("XLA all three", "xla_all", 3)]
+    cols = [
+        ("XLA fwd", "xla_fwd", 1),
+        ("XLA dgrad", "xla_dgrad", 1),
+        ("XLA wgrad", "xla_wgrad", 1),
+        ("XLA all three", "xla_all", 3),
+    ]
     if use_torch:
-        cols += [("PyTorch fwd", "torch_fwd", 1), ("PyTorch dgrad", "torch_dgrad", 1),
-                 ("PyTorch wgrad", "torch_wgrad", 1), ("PyTorch all three", "torch_all", 3)]
+        cols += [
+            ("PyTorch fwd", "torch_fwd", 1),
+            ("PyTorch dgrad", "torch_dgrad", 1),
+            ("PyTorch wgrad", "torch_wgrad", 1),
+            ("PyTorch all three", "torch_all", 3),
+        ]
     if not args.no_winograd:
         cols += [(f"Winograd {name} in XLA, all three", f"winograd {name}", 3) for name in WINOGRAD]
     print()
@@ -225,8 +251,10 @@ def main(argv=None):
     if not args.no_winograd:
         errors = {name: max(r[f"winograd {name} error"] for r in rows) for name in WINOGRAD}
         print()
-        print("Winograd forward, max |error| / max |output| against the direct convolution: "
-              + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+        print(
+            "Winograd forward, max |error| / max |output| against the direct convolution: "
+            + ", ".join(f"{k} {v:.1e}" for k, v in errors.items())
+        )
 
 
 if __name__ == "__main__":

@@ -45,16 +45,27 @@ import scipy.integrate
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from _bench import median_seconds  # noqa: E402
+
 from diffusion_jax import likelihood as likelihood_lib  # noqa: E402
 from diffusion_jax.analytic import GaussianMixture  # noqa: E402
 from diffusion_jax.sde import VPSDE  # noqa: E402
-from _bench import median_seconds  # noqa: E402
 
 
 def ours(key, score_fn, sde, x, *, rtol, atol, error_norm, repeats):
-    f = jax.jit(lambda k, x: likelihood_lib.log_likelihood(
-        k, score_fn, sde, x, estimator="hutchinson_rademacher", num_probes=1, rtol=rtol, atol=atol,
-        error_norm=error_norm))
+    f = jax.jit(
+        lambda k, x: likelihood_lib.log_likelihood(
+            k,
+            score_fn,
+            sde,
+            x,
+            estimator="hutchinson_rademacher",
+            num_probes=1,
+            rtol=rtol,
+            atol=atol,
+            error_norm=error_norm,
+        )
+    )
     t0 = time.perf_counter()
     jax.block_until_ready(f(key, x))
     first = time.perf_counter() - t0
@@ -95,8 +106,11 @@ def scipy_rk45(key, score_fn, sde, x, *, rtol, atol, repeats):
 def mixture_problem(batch):
     rng = np.random.default_rng(0)
     k, d = 10, 64
-    mix = GaussianMixture(weights=jnp.full((k,), 1.0 / k), means=jnp.asarray(rng.uniform(-0.8, 0.8, (k, 8, 8, 1)), jnp.float32),
-                          stds=jnp.asarray(rng.uniform(0.1, 0.3, (k,)), jnp.float32))
+    mix = GaussianMixture(
+        weights=jnp.full((k,), 1.0 / k),
+        means=jnp.asarray(rng.uniform(-0.8, 0.8, (k, 8, 8, 1)), jnp.float32),
+        stds=jnp.asarray(rng.uniform(0.1, 0.3, (k,)), jnp.float32),
+    )
     sde = VPSDE()
     x = mix.sample(jax.random.PRNGKey(1), batch)
     exact = np.asarray(mix.log_prob(x, jnp.full((batch,), sde.t_min), sde))
@@ -104,9 +118,10 @@ def mixture_problem(batch):
 
 
 def digits_problem(batch, config_path, workdir):
+    from sklearn.datasets import load_digits
+
     from diffusion_jax.builders.config import load_config
     from diffusion_jax.builders.experiment import load_params
-    from sklearn.datasets import load_digits
 
     if not (pathlib.Path(workdir) / "checkpoints").exists():
         print(f"# digits: no checkpoint in {workdir}; train the main job first (skipped)", file=sys.stderr)
@@ -131,32 +146,52 @@ def main():
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args()
 
-    print(f"# jax {jax.__version__}, {platform.machine()}, {jax.device_count()} {jax.devices()[0].platform} device(s), "
-          f"batch {args.batch}, rtol {args.rtol:g}, atol {args.atol:g}, median of {args.repeats}")
-    print("| problem | solver | step sizes | s / batch | NFE / batch | compile s | max abs(logp - scipy) / D | "
-          "mean abs(logp - exact) / D |")
+    print(
+        f"# jax {jax.__version__}, {platform.machine()}, {jax.device_count()} {jax.devices()[0].platform} device(s), "
+        f"batch {args.batch}, rtol {args.rtol:g}, atol {args.atol:g}, median of {args.repeats}"
+    )
+    print(
+        "| problem | solver | step sizes | s / batch | NFE / batch | compile s | max abs(logp - scipy) / D | "
+        "mean abs(logp - exact) / D |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     rows = []
     key = jax.random.PRNGKey(0)
     for name in args.problems:
-        problem = mixture_problem(args.batch) if name == "mixture" else digits_problem(args.batch, args.config, args.workdir)
+        problem = (
+            mixture_problem(args.batch) if name == "mixture" else digits_problem(args.batch, args.config, args.workdir)
+        )
         if problem is None:
             continue
         title, score_fn, sde, x, exact, d = problem
         ref, ref_logp = scipy_rk45(key, score_fn, sde, x, rtol=args.rtol, atol=args.atol, repeats=args.repeats)
         results = [("scipy RK45 (host)", "one for the batch", ref, ref_logp)]
         for norm, label in (("per_sample", "per example"), ("rms", "one for the batch")):
-            res, logp = ours(key, score_fn, sde, x, rtol=args.rtol, atol=args.atol, error_norm=norm, repeats=args.repeats)
+            res, logp = ours(
+                key, score_fn, sde, x, rtol=args.rtol, atol=args.atol, error_norm=norm, repeats=args.repeats
+            )
             results.append(("diffusion_jax dopri5 (jit)", label, res, logp))
         for solver, steps, res, logp in results:
             diff = float(np.max(np.abs(logp - ref_logp))) / d
             err = float(np.mean(np.abs(logp - exact))) / d if exact is not None else None
             compile_s = "-" if res["compile_seconds"] is None else f"{res['compile_seconds']:.1f}"
             speedup = ref["seconds"] / res["seconds"]
-            print(f"| {title} | {solver} | {steps} | {res['seconds']:.2f} ({speedup:.1f}x) | {res['nfe']} | {compile_s} | "
-                  f"{diff:.1e} | {'-' if err is None else f'{err:.1e}'} |", flush=True)
-            rows.append(dict(problem=title, solver=solver, step_sizes=steps, **res, speedup=speedup,
-                             max_abs_diff_per_dim=diff, mean_abs_err_per_dim=err))
+            print(
+                f"| {title} | {solver} | {steps} | {res['seconds']:.2f} ({speedup:.1f}x) | {res['nfe']} | {compile_s} | "  # noqa: E501
+                f"{diff:.1e} | {'-' if err is None else f'{err:.1e}'} |",
+                flush=True,
+            )
+            rows.append(
+                dict(
+                    problem=title,
+                    solver=solver,
+                    step_sizes=steps,
+                    **res,
+                    speedup=speedup,
+                    max_abs_diff_per_dim=diff,
+                    mean_abs_err_per_dim=err,
+                )
+            )
     if args.json:
         pathlib.Path(args.json).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
 

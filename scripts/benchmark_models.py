@@ -103,39 +103,66 @@ def benchmark(name: str, config, *, forward_batches, grad_batches, warmup, repea
                 args = args + (kd,)
             compile_s, median_s, cpu_s, flops = _time(fn, args, warmup=warmup, repeats=repeats)
             rows.append(
-                dict(model=name, params=n_params, what=what, batch=batch, compile_s=compile_s, median_s=median_s, cpu_s=cpu_s, flops=flops)
+                dict(
+                    model=name,
+                    params=n_params,
+                    what=what,
+                    batch=batch,
+                    compile_s=compile_s,
+                    median_s=median_s,
+                    cpu_s=cpu_s,
+                    flops=flops,
+                )
             )
-            print(f"# {name} {what} batch {batch}: compile {compile_s:.1f} s, median {median_s:.3f} s, CPU {cpu_s:.3f} s", flush=True)
+            print(
+                f"# {name} {what} batch {batch}: compile {compile_s:.1f} s, median {median_s:.3f} s, CPU {cpu_s:.3f} s",
+                flush=True,
+            )
     return rows
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     configs = _model_configs()
-    parser.add_argument("--models", nargs="+", default=["ncsnpp_continuous", "ddpmpp_continuous"], choices=sorted(configs))
+    parser.add_argument(
+        "--models", nargs="+", default=["ncsnpp_continuous", "ddpmpp_continuous"], choices=sorted(configs)
+    )
     parser.add_argument("--forward-batch", nargs="*", type=int, default=[8, 64])
     parser.add_argument("--grad-batch", nargs="*", type=int, default=[8])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args(argv)
 
-    print(f"# jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} device(s), "
-          f"{platform.processor() or platform.machine()}", flush=True)
+    print(
+        f"# jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} device(s), "
+        f"{platform.processor() or platform.machine()}",
+        flush=True,
+    )
     rows = []
     for name in args.models:
         rows += benchmark(
-            name, configs[name](), forward_batches=args.forward_batch, grad_batches=args.grad_batch,
-            warmup=args.warmup, repeats=args.repeats,
+            name,
+            configs[name](),
+            forward_batches=args.forward_batch,
+            grad_batches=args.grad_batch,
+            warmup=args.warmup,
+            repeats=args.repeats,
         )
-    print(f"# load average at the end: {' '.join(open('/proc/loadavg').read().split()[:3]) if pathlib.Path('/proc/loadavg').exists() else 'n/a'}")
-    print("\n| network | params | what | batch | compile s | median wall s | median CPU s | GFLOP per call | GFLOP/s (wall) |")
+    print(
+        f"# load average at the end: {' '.join(open('/proc/loadavg').read().split()[:3]) if pathlib.Path('/proc/loadavg').exists() else 'n/a'}"  # noqa: E501
+    )
+    print(
+        "\n| network | params | what | batch | compile s | median wall s | median CPU s | GFLOP per call | GFLOP/s (wall) |"  # noqa: E501
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         gflop = r["flops"] / 1e9 if r["flops"] is not None else None
         rate = f"{gflop / r['median_s']:.0f}" if gflop is not None else "n/a"
         gflop_s = f"{gflop:.1f}" if gflop is not None else "n/a"
-        print(f"| {r['model']} | {r['params']:,} | {r['what']} | {r['batch']} | {r['compile_s']:.1f} | "
-              f"{r['median_s']:.3f} | {r['cpu_s']:.3f} | {gflop_s} | {rate} |")
+        print(
+            f"| {r['model']} | {r['params']:,} | {r['what']} | {r['batch']} | {r['compile_s']:.1f} | "
+            f"{r['median_s']:.3f} | {r['cpu_s']:.3f} | {gflop_s} | {rate} |"
+        )
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ def upfirdn2d(input, kernel, up=1, down=1, pad=(0, 0)):
         x = F.pad(x, (0, up - 1, 0, 0, 0, up - 1))
         x = x.reshape(n * c, 1, h * up, w * up)
     x = F.pad(x, (max(p0, 0), max(p1, 0), max(p0, 0), max(p1, 0)))
-    x = x[:, :, max(-p0, 0):x.shape[2] - max(-p1, 0), max(-p0, 0):x.shape[3] - max(-p1, 0)]
+    x = x[:, :, max(-p0, 0) : x.shape[2] - max(-p1, 0), max(-p0, 0) : x.shape[3] - max(-p1, 0)]
     weight = torch.flip(kernel, (0, 1)).to(dtype=x.dtype, device=x.device).reshape(1, 1, kh, kw)
     x = F.conv2d(x, weight)[:, :, ::down, ::down]
     return x.reshape(n, c, x.shape[2], x.shape[3])
@@ -133,14 +133,14 @@ def _op_module():
     import torch
     import torch.nn.functional as F
 
-    def fused_leaky_relu(input, bias=None, negative_slope=0.2, scale=2 ** 0.5):
+    def fused_leaky_relu(input, bias=None, negative_slope=0.2, scale=2**0.5):
         """leaky_relu(input + bias) * scale, the bias broadcast over dimension 1."""
         if bias is not None:
             input = input + bias.reshape(1, -1, *([1] * (input.ndim - 2)))
         return F.leaky_relu(input, negative_slope) * scale
 
     class FusedLeakyReLU(torch.nn.Module):
-        def __init__(self, channel, bias=True, negative_slope=0.2, scale=2 ** 0.5):
+        def __init__(self, channel, bias=True, negative_slope=0.2, scale=2**0.5):
             super().__init__()
             self.bias = torch.nn.Parameter(torch.zeros(channel)) if bias else None
             self.negative_slope = negative_slope
@@ -201,12 +201,22 @@ def check_upfirdn2d() -> list[dict]:
     # image stays constant away from the border (where the zero padding enters).
     const = torch.full((1, 2, 8, 8), 0.7, dtype=torch.float64)
     y = upfirdn2d(const, torch.tensor(4 * fir2d), up=2, pad=(2, 1))
-    checks.append(dict(name="up=2, [1,3,3,1], constant 8x8 -> 16x16 interior",
-                       shape_ok=tuple(y.shape) == (1, 2, 16, 16), error=float((y[..., 1:-1, 1:-1] - 0.7).abs().max())))
+    checks.append(
+        dict(
+            name="up=2, [1,3,3,1], constant 8x8 -> 16x16 interior",
+            shape_ok=tuple(y.shape) == (1, 2, 16, 16),
+            error=float((y[..., 1:-1, 1:-1] - 0.7).abs().max()),
+        )
+    )
     # downsample_2d(factor=2): upfirdn2d(x, k, down=2, pad=(1, 1)).
     y = upfirdn2d(const, torch.tensor(fir2d), down=2, pad=(1, 1))
-    checks.append(dict(name="down=2, [1,3,3,1], constant 8x8 -> 4x4 interior",
-                       shape_ok=tuple(y.shape) == (1, 2, 4, 4), error=float((y[..., 1:-1, 1:-1] - 0.7).abs().max())))
+    checks.append(
+        dict(
+            name="down=2, [1,3,3,1], constant 8x8 -> 4x4 interior",
+            shape_ok=tuple(y.shape) == (1, 2, 4, 4),
+            error=float((y[..., 1:-1, 1:-1] - 0.7).abs().max()),
+        )
+    )
 
     # Random images and asymmetric separable kernels against the 1-D reference along each axis.
     rng = np.random.default_rng(0)
@@ -217,8 +227,13 @@ def check_upfirdn2d() -> list[dict]:
         ref = np.swapaxes(_upfirdn1d_reference(np.swapaxes(ref, -1, -2), ky, up, down, pad), -1, -2)
         y = upfirdn2d(torch.tensor(x), torch.tensor(np.outer(ky, kx)), up=up, down=down, pad=pad).numpy()
         same = y.shape == ref.shape
-        checks.append(dict(name=f"random 7x9, 4x3 kernel, up={up} down={down} pad={pad} vs NumPy",
-                           shape_ok=same, error=float(np.abs(y - ref).max()) if same else None))
+        checks.append(
+            dict(
+                name=f"random 7x9, 4x3 kernel, up={up} down={down} pad={pad} vs NumPy",
+                shape_ok=same,
+                error=float(np.abs(y - ref).max()) if same else None,
+            )
+        )
     for c in checks:
         c["ok"] = bool(c["shape_ok"] and c["error"] is not None and c["error"] < 1e-10)
     return checks
@@ -239,12 +254,16 @@ def _import_port(port_dir: pathlib.Path):
     import importlib
 
     sys.path.insert(0, str(port_dir))
-    modules = {name: importlib.import_module(name) for name in
-               ("sde_lib", "losses", "models.utils", "models.ema", "models.ncsnpp")}
+    modules = {
+        name: importlib.import_module(name)
+        for name in ("sde_lib", "losses", "models.utils", "models.ema", "models.ncsnpp")
+    }
     for name, module in modules.items():
         if not pathlib.Path(module.__file__).resolve().is_relative_to(port_dir):
-            raise ImportError(f"'{name}' was imported from {module.__file__}, not from --port-dir {port_dir}; "
-                              f"another package of that name shadows the port")
+            raise ImportError(
+                f"'{name}' was imported from {module.__file__}, not from --port-dir {port_dir}; "
+                f"another package of that name shadows the port"
+            )
     return modules
 
 
@@ -296,9 +315,14 @@ def measure(spec: dict) -> dict:
         ema = port["models.ema"].ExponentialMovingAverage(model.parameters(), decay=config.model.ema_rate)
         optimizer = losses.get_optimizer(config, model.parameters())
         state = dict(optimizer=optimizer, model=model, ema=ema, step=0)
-        step_fn = losses.get_step_fn(sde, train=True, optimize_fn=losses.optimization_manager(config),
-                                     reduce_mean=config.training.reduce_mean, continuous=config.training.continuous,
-                                     likelihood_weighting=config.training.likelihood_weighting)
+        step_fn = losses.get_step_fn(
+            sde,
+            train=True,
+            optimize_fn=losses.optimization_manager(config),
+            reduce_mean=config.training.reduce_mean,
+            continuous=config.training.continuous,
+            likelihood_weighting=config.training.likelihood_weighting,
+        )
         images = torch.rand(shape)
         # run_lib feeds datasets.get_data_scaler(config)(batch): x -> 2x - 1 when data.centered.
         batch = images * 2.0 - 1.0 if config.data.centered else images
@@ -322,10 +346,21 @@ def measure(spec: dict) -> dict:
     value = float(out) if spec["what"] == "train" else float(out.abs().mean())
     if not math.isfinite(value):
         raise FloatingPointError(f"{spec['config']} {spec['what']}: non-finite output {value}")
-    step_s = statistics.median(times[spec["warmup"]:])
-    return dict(spec, params=n_params, trainable_params=n_trainable, first_call_s=times[0], step_s=step_s, times=times,
-                images_per_s=spec["batch"] / step_s, rss_imports_mb=rss_imports, peak_rss_mb=max_rss_mb(),
-                output=value, threads_used=torch.get_num_threads(), torch=torch.__version__)
+    step_s = statistics.median(times[spec["warmup"] :])
+    return dict(
+        spec,
+        params=n_params,
+        trainable_params=n_trainable,
+        first_call_s=times[0],
+        step_s=step_s,
+        times=times,
+        images_per_s=spec["batch"] / step_s,
+        rss_imports_mb=rss_imports,
+        peak_rss_mb=max_rss_mb(),
+        output=value,
+        threads_used=torch.get_num_threads(),
+        torch=torch.__version__,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,8 +369,10 @@ def measure(spec: dict) -> dict:
 
 
 def _table(rows: list[dict]) -> str:
-    head = ("| network | params | what | batch | threads | first call s | step s | images/s | peak RSS MB | "
-            "peer_timings.md eager s (Xeon) |")
+    head = (
+        "| network | params | what | batch | threads | first call s | step s | images/s | peak RSS MB | "
+        "peer_timings.md eager s (Xeon) |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         fixture = FIXTURE_EAGER_SECONDS.get((r["config"], r["what"], r["batch"]))
@@ -349,11 +386,16 @@ def _table(rows: list[dict]) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--port-dir", required=True, type=pathlib.Path,
-                        help="a checkout of score_sde_pytorch (its op/ package is not needed)")
+    parser.add_argument(
+        "--port-dir",
+        required=True,
+        type=pathlib.Path,
+        help="a checkout of score_sde_pytorch (its op/ package is not needed)",
+    )
     parser.add_argument("--configs", nargs="+", choices=sorted(PORT_CONFIGS), default=list(PORT_CONFIGS))
-    parser.add_argument("--batch", nargs="*", type=int, default=[8, 32],
-                        help="train-step batch sizes (none: no train-step rows)")
+    parser.add_argument(
+        "--batch", nargs="*", type=int, default=[8, 32], help="train-step batch sizes (none: no train-step rows)"
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
@@ -368,16 +410,19 @@ def main(argv=None):
         return
 
     if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
-        parser.error(f"need --repeats >= 1, --warmup >= 0, --threads >= 1 (got {args.repeats}, {args.warmup}, "
-                     f"{args.threads})")
+        parser.error(
+            f"need --repeats >= 1, --warmup >= 0, --threads >= 1 (got {args.repeats}, {args.warmup}, {args.threads})"
+        )
     port_dir = args.port_dir.expanduser().resolve()
     if not port_dir.is_dir():
-        parser.error(f"--port-dir {port_dir} does not exist; give a checkout of "
-                     f"https://github.com/yang-song/score_sde_pytorch")
+        parser.error(
+            f"--port-dir {port_dir} does not exist; give a checkout of https://github.com/yang-song/score_sde_pytorch"
+        )
     missing = missing_port_files(port_dir, args.configs)
     if missing:
-        parser.error(f"--port-dir {port_dir} is not a complete score_sde_pytorch checkout: missing "
-                     f"{', '.join(missing)}")
+        parser.error(
+            f"--port-dir {port_dir} is not a complete score_sde_pytorch checkout: missing {', '.join(missing)}"
+        )
     try:
         import ml_collections  # noqa: F401  (the port's configs are ConfigDicts)
         import numpy  # noqa: F401
@@ -385,13 +430,19 @@ def main(argv=None):
     except ImportError as error:
         sys.exit(f"the port needs torch, numpy and ml_collections: {error}")
 
-    print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), "
-          f"{args.threads} thread(s); port {port_dir}", flush=True)
+    print(
+        f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), "
+        f"{args.threads} thread(s); port {port_dir}",
+        flush=True,
+    )
     checks = check_upfirdn2d()
     for c in checks:
         error = "n/a" if c["error"] is None else f"{c['error']:.1e}"
-        print(f"# op.upfirdn2d check: {c['name']}: shape {'ok' if c['shape_ok'] else 'WRONG'}, "
-              f"max |error| {error} -> {'ok' if c['ok'] else 'FAILED'}", flush=True)
+        print(
+            f"# op.upfirdn2d check: {c['name']}: shape {'ok' if c['shape_ok'] else 'WRONG'}, "
+            f"max |error| {error} -> {'ok' if c['ok'] else 'FAILED'}",
+            flush=True,
+        )
     if not all(c["ok"] for c in checks):
         sys.exit("the plain-PyTorch upfirdn2d failed its checks; nothing was timed")
 
@@ -404,12 +455,16 @@ def main(argv=None):
         for spec in specs:
             spec.update(repeats=args.repeats, warmup=args.warmup, threads=args.threads, port_dir=str(port_dir))
             t0 = time.perf_counter()
-            r = run_child(__file__, ["--port-dir", spec["port_dir"], "--one", json.dumps(spec)],
-                          timeout=args.timeout, cwd=ROOT)
+            r = run_child(
+                __file__, ["--port-dir", spec["port_dir"], "--one", json.dumps(spec)], timeout=args.timeout, cwd=ROOT
+            )
             rows.append(r)
-            print(f"# {spec['config']} {spec['what']} batch {spec['batch']}: first call {r['first_call_s']:.3f} s, "
-                  f"step {r['step_s']:.3f} s, peak RSS {r['peak_rss_mb']:,.0f} MB (libraries alone "
-                  f"{r['rss_imports_mb']:,.0f} MB; {time.perf_counter() - t0:.0f} s)", flush=True)
+            print(
+                f"# {spec['config']} {spec['what']} batch {spec['batch']}: first call {r['first_call_s']:.3f} s, "
+                f"step {r['step_s']:.3f} s, peak RSS {r['peak_rss_mb']:,.0f} MB (libraries alone "
+                f"{r['rss_imports_mb']:,.0f} MB; {time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
             if out:
                 out.write(json.dumps(dict(r, op_checks=checks)) + "\n")
                 out.flush()

@@ -36,7 +36,6 @@ from diffusion_jax import samplers as S  # noqa: E402
 from diffusion_jax.analytic import GaussianMixture  # noqa: E402
 from diffusion_jax.sde import EDMSDE  # noqa: E402
 
-
 # --------------------------------------------------------------------------------------------
 # Problems
 # --------------------------------------------------------------------------------------------
@@ -102,7 +101,7 @@ def run_ours(mix, sde, x_T, ref, nfes):
             smp = build(nfe)
             if smp is None:
                 continue
-            fn = lambda: S.sample(jax.random.PRNGKey(0), score, sde, x_T.shape, smp, x_init=x_T)
+            fn = lambda smp=smp: S.sample(jax.random.PRNGKey(0), score, sde, x_T.shape, smp, x_init=x_T)
             x, info = fn()
             jax.block_until_ready(x)
             t0 = time.perf_counter()
@@ -218,11 +217,21 @@ def run_k_diffusion(kd, mix, x_T, ref, nfes, sig_min, sig_max):
             (f"k: heun ({gname})", 2, 1, lambda m, s, x: ks.sample_heun(m, x, s, disable=True), grid),
             (f"k: dpm_2 ({gname})", 2, 1, lambda m, s, x: ks.sample_dpm_2(m, x, s, disable=True), grid),
             (f"k: lms order 4 ({gname})", 1, 4, lambda m, s, x: ks.sample_lms(m, x, s, disable=True), grid),
-            (f"k: dpmpp_2s eta=0 ({gname})", 2, 1,
-             lambda m, s, x: ks.sample_dpmpp_2s_ancestral(m, x, s, eta=0.0, disable=True), grid),
+            (
+                f"k: dpmpp_2s eta=0 ({gname})",
+                2,
+                1,
+                lambda m, s, x: ks.sample_dpmpp_2s_ancestral(m, x, s, eta=0.0, disable=True),
+                grid,
+            ),
             (f"k: dpmpp_2m ({gname})", 1, 2, lambda m, s, x: ks.sample_dpmpp_2m(m, x, s, disable=True), grid),
-            (f"k: dpmpp_3m_sde eta=0 ({gname})", 1, 3,
-             lambda m, s, x: ks.sample_dpmpp_3m_sde(m, x, s, eta=0.0, disable=True), grid),
+            (
+                f"k: dpmpp_3m_sde eta=0 ({gname})",
+                1,
+                3,
+                lambda m, s, x: ks.sample_dpmpp_3m_sde(m, x, s, eta=0.0, disable=True),
+                grid,
+            ),
         ]
     rows = []
     for label, per_step, min_steps, call, grid in samplers:
@@ -259,14 +268,14 @@ def third_order_check(kd, mix, sde, batch=200, ns=(40, 80, 160, 320, 640)):
     model = torch_denoiser(torch, mix)
     ours, theirs = [], []
     for n in ns:
-        x, _ = S.sample(jax.random.PRNGKey(0), mix.score_fn(sde), sde, x_T.shape,
-                        S.DPMSolverPP(order=3, num_steps=n), x_init=x_T)
+        x, _ = S.sample(
+            jax.random.PRNGKey(0), mix.score_fn(sde), sde, x_T.shape, S.DPMSolverPP(order=3, num_steps=n), x_init=x_T
+        )
         ours.append(rms(x, ref))
         sig = ks.get_sigmas_exponential(n + 1, float(sde.sigma_min), float(sde.sigma_max))[:-1].double()
         xk = ks.sample_dpmpp_3m_sde(model, torch.tensor(np.asarray(x_T)), sig, eta=0.0, disable=True)
         theirs.append(rms(xk.numpy(), ref))
-    lines = ["| steps | " + " | ".join(str(n) for n in ns) + " | order (last doubling) |",
-             "|" + "---|" * (len(ns) + 2)]
+    lines = ["| steps | " + " | ".join(str(n) for n in ns) + " | order (last doubling) |", "|" + "---|" * (len(ns) + 2)]
     for label, errs in [("ours: dpmpp_3m (log_snr)", ours), ("k: dpmpp_3m_sde eta=0 (exponential)", theirs)]:
         order = np.log2(errs[-2] / errs[-1])
         lines.append(f"| {label} | " + " | ".join(f"{e:.2e}" for e in errs) + f" | {order:.2f} |")
@@ -299,8 +308,9 @@ def best(rows, nfes, ours: bool):
     """Per NFE budget, the smallest error among our rows (or k-diffusion's) within the budget."""
     out = {}
     for n in nfes:
-        cands = [(row[n][0], label) for label, row in rows
-                 if n in row and label.startswith("k: ") != ours and row[n][1] <= n]
+        cands = [
+            (row[n][0], label) for label, row in rows if n in row and label.startswith("k: ") != ours and row[n][1] <= n
+        ]
         out[n] = min(cands) if cands else None
     return out
 
@@ -324,8 +334,10 @@ def main(argv=None):
         rows = run_ours(mix, sde, x_T, ref, nfes)
         if kd:
             rows += run_k_diffusion(kd, mix, x_T, ref, nfes, float(sde.sigma_min), float(sde.sigma_max))
-        print("RMS error to the reference (a number in parentheses is the NFE actually used when "
-              "the budget is not a multiple of the evaluations per step)\n")
+        print(
+            "RMS error to the reference (a number in parentheses is the NFE actually used when "
+            "the budget is not a multiple of the evaluations per step)\n"
+        )
         print(table(rows, nfes, "sampler"))
         ours, theirs = best(rows, nfes, ours=True), best(rows, nfes, ours=False)
         print("\n| NFE | best of ours | best of k-diffusion |\n|---|---|---|")

@@ -84,7 +84,8 @@ def measure_step(spec: dict) -> dict:
 
     import jax
     import numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from diffusion_jax.builders import diffusion as diffusion_builders
     from diffusion_jax.builders import experiment
@@ -102,8 +103,9 @@ def measure_step(spec: dict) -> dict:
 
     exp = experiment.build_experiment(config)
     optimizer = diffusion_builders.build_optimizer(config)
-    loss_fn = diffusion_builders.build_loss(config, model_fn=exp.model_fn(train=True), sde=exp.sde,
-                                            parametrization=exp.parametrization)
+    loss_fn = diffusion_builders.build_loss(
+        config, model_fn=exp.model_fn(train=True), sde=exp.sde, parametrization=exp.parametrization
+    )
     params = exp.init_params(jax.random.PRNGKey(0))
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
     state = replicate(init_train_state(params, optimizer, jax.random.PRNGKey(1)), exp.mesh)
@@ -116,10 +118,16 @@ def measure_step(spec: dict) -> dict:
 
     replicated = NamedSharding(exp.mesh, P())
     step = jax.jit(
-        make_train_step(loss_fn, optimizer, ema_rate=config.model.ema_rate, ema_warmup=config.model.ema_warmup,
-                        grad_accum_steps=config.training.grad_accum_steps,
-                        learning_rate_fn=diffusion_builders.learning_rate_fn(config)),
-        out_shardings=(jax.tree_util.tree_map(lambda _: replicated, state), replicated), donate_argnums=0,
+        make_train_step(
+            loss_fn,
+            optimizer,
+            ema_rate=config.model.ema_rate,
+            ema_warmup=config.model.ema_warmup,
+            grad_accum_steps=config.training.grad_accum_steps,
+            learning_rate_fn=diffusion_builders.learning_rate_fn(config),
+        ),
+        out_shardings=(jax.tree_util.tree_map(lambda _: replicated, state), replicated),
+        donate_argnums=0,
     )
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
@@ -130,8 +138,12 @@ def measure_step(spec: dict) -> dict:
     memory = compiled.memory_analysis()
     buffers = None
     if memory is not None:
-        buffers = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
-                   - memory.alias_size_in_bytes)
+        buffers = (
+            memory.argument_size_in_bytes
+            + memory.output_size_in_bytes
+            + memory.temp_size_in_bytes
+            - memory.alias_size_in_bytes
+        )
     rss_after_compile = max_rss_mb()
 
     for _ in range(spec["warmup"]):
@@ -148,9 +160,19 @@ def measure_step(spec: dict) -> dict:
     if spec.get("profile"):
         busy, state = profile_calls(compiled, state, batch, spec["profile"])
     return dict(
-        spec, busy_s=busy, params=n_params, devices=jax.device_count(), compile_s=compile_s, step_s=step_s, times=times,
-        images_per_s=spec["batch"] / step_s, flops=flops, xla_buffers_mb=None if buffers is None else buffers / 2**20,
-        rss_imports_mb=rss_imports, rss_after_compile_mb=rss_after_compile, peak_rss_mb=max_rss_mb(),
+        spec,
+        busy_s=busy,
+        params=n_params,
+        devices=jax.device_count(),
+        compile_s=compile_s,
+        step_s=step_s,
+        times=times,
+        images_per_s=spec["batch"] / step_s,
+        flops=flops,
+        xla_buffers_mb=None if buffers is None else buffers / 2**20,
+        rss_imports_mb=rss_imports,
+        rss_after_compile_mb=rss_after_compile,
+        peak_rss_mb=max_rss_mb(),
         loss=float(np.asarray(metrics["loss"])[-1]),
     )
 
@@ -292,8 +314,10 @@ def load_pytorch_seconds(path: str) -> dict:
 
 
 def _table(rows: list[dict], peak: float, pytorch_seconds: dict) -> str:
-    head = ("| network | params | batch | bf16 | remat | compile s | step s | images/s | GFLOP/step | GFLOP/s | MFU | "
-            "peak RSS MB | XLA buffers MB | PyTorch s | speed-up |")
+    head = (
+        "| network | params | batch | bf16 | remat | compile s | step s | images/s | GFLOP/step | GFLOP/s | MFU | "
+        "peak RSS MB | XLA buffers MB | PyTorch s | speed-up |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         name = pathlib.Path(r["config"]).stem
@@ -316,9 +340,12 @@ def _profile_table(rows: list[dict]) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         busy = r.get("busy_s") or {}
-        lines.append(f"| {pathlib.Path(r['config']).stem} | {r['batch']} | {'on' if r['bf16'] else 'off'} | "
-                     f"{'on' if r['remat'] else 'off'} | {r['step_s']:.3f} | "
-                     + " | ".join(_fmt(busy.get(k), ".3f") for k in kinds) + " |")
+        lines.append(
+            f"| {pathlib.Path(r['config']).stem} | {r['batch']} | {'on' if r['bf16'] else 'off'} | "
+            f"{'on' if r['remat'] else 'off'} | {r['step_s']:.3f} | "
+            + " | ".join(_fmt(busy.get(k), ".3f") for k in kinds)
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -332,13 +359,26 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--peak-gflops", type=float, default=None, help="stated peak GFLOP/s (default: measured)")
     parser.add_argument("--peak-size", type=int, default=2048, help="matrix side of the peak measurement")
-    parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="config overrides as Python literals, e.g. model.nf=8 (for a quick check)")
-    parser.add_argument("--pytorch-json", default=None,
-                        help="the port's timings on this machine (benchmark_pytorch_port.py --json) for the "
-                             "speed-up column; default: the shared fixtures' peer_timings.md")
-    parser.add_argument("--profile", type=int, default=0, metavar="N",
-                        help="trace N more calls and report the busy time per kind of operation")
+    parser.add_argument(
+        "--override",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides as Python literals, e.g. model.nf=8 (for a quick check)",
+    )
+    parser.add_argument(
+        "--pytorch-json",
+        default=None,
+        help="the port's timings on this machine (benchmark_pytorch_port.py --json) for the "
+        "speed-up column; default: the shared fixtures' peer_timings.md",
+    )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="trace N more calls and report the busy time per kind of operation",
+    )
     parser.add_argument("--json", default=None, help="also write one JSON object per configuration here")
     parser.add_argument("--timeout", type=int, default=7200, help="seconds per configuration")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -362,13 +402,19 @@ def main(argv=None):
         pytorch_seconds, pytorch_source = FIXTURE_PYTORCH_SECONDS, "peer_timings.md (another CPU)"
     import jax
 
-    print(f"# jax {jax.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), "
-          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
+    print(
+        f"# jax {jax.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
+        flush=True,
+    )
     if args.peak_gflops is None:
         peak = _run_child(["--one-peak", f"--peak-size={args.peak_size}", f"--repeats={args.repeats}"], args.timeout)
         peak_gflops = peak["peak_gflops"]
-        print(f"# peak: {peak_gflops:.1f} GFLOP/s measured (best float32 {args.peak_size}^2 matmul, "
-              f"{peak['seconds'] * 1e3:.1f} ms)", flush=True)
+        print(
+            f"# peak: {peak_gflops:.1f} GFLOP/s measured (best float32 {args.peak_size}^2 matmul, "
+            f"{peak['seconds'] * 1e3:.1f} ms)",
+            flush=True,
+        )
     else:
         peak_gflops = args.peak_gflops
         print(f"# peak: {peak_gflops:.1f} GFLOP/s stated", flush=True)
@@ -377,16 +423,27 @@ def main(argv=None):
     out = open(args.json, "w") if args.json else None
     try:
         for config, batch, bf16, remat in itertools.product(args.configs, args.batches, args.bf16, args.remat):
-            spec = dict(config=config, batch=batch, bf16=bf16 == "on", remat=remat == "on", repeats=args.repeats,
-                        warmup=args.warmup, overrides=overrides, profile=args.profile)
+            spec = dict(
+                config=config,
+                batch=batch,
+                bf16=bf16 == "on",
+                remat=remat == "on",
+                repeats=args.repeats,
+                warmup=args.warmup,
+                overrides=overrides,
+                profile=args.profile,
+            )
             t0 = time.perf_counter()
-            r = _run_child(["--one", json.dumps(spec)], args.timeout,
-                           "--xla_cpu_enable_xprof_traceme=true" if args.profile else "")
+            r = _run_child(
+                ["--one", json.dumps(spec)], args.timeout, "--xla_cpu_enable_xprof_traceme=true" if args.profile else ""
+            )
             rows.append(r)
-            print(f"# {pathlib.Path(config).stem} batch {batch} bf16 {bf16} remat {remat}: compile {r['compile_s']:.1f} s, "
-                  f"step {r['step_s']:.3f} s, peak RSS {r['peak_rss_mb']:,.0f} MB (libraries alone "
-                  f"{r['rss_imports_mb']:,.0f} MB; {time.perf_counter() - t0:.0f} s)",
-                  flush=True)
+            print(
+                f"# {pathlib.Path(config).stem} batch {batch} bf16 {bf16} remat {remat}: compile {r['compile_s']:.1f} s, "  # noqa: E501
+                f"step {r['step_s']:.3f} s, peak RSS {r['peak_rss_mb']:,.0f} MB (libraries alone "
+                f"{r['rss_imports_mb']:,.0f} MB; {time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
             if out:
                 out.write(json.dumps(dict(r, peak_gflops=peak_gflops)) + "\n")
                 out.flush()
@@ -399,8 +456,9 @@ def main(argv=None):
     print(_table(rows, peak_gflops, pytorch_seconds))
     if args.profile:
         print()
-        print(f"Busy seconds per step by kind of operation (mean of {args.profile} traced calls; kinds overlap "
-              "in time)")
+        print(
+            f"Busy seconds per step by kind of operation (mean of {args.profile} traced calls; kinds overlap in time)"
+        )
         print()
         print(_profile_table(rows))
 

@@ -21,8 +21,8 @@ import argparse
 import json
 
 import numpy as np
-from sklearn.datasets import load_digits
 from sklearn.calibration import CalibratedClassifierCV
+from sklearn.datasets import load_digits
 from sklearn.svm import SVC
 
 

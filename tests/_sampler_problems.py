@@ -2,7 +2,6 @@
 score, the exact probability-flow ODE solution from given noise, and a sliced Wasserstein
 distance."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,8 +23,9 @@ def prior_noise(sde, n, seed=0, dtype=jnp.float64):
 def reference_solution(sde, x_T, tol=1e-12):
     """The probability-flow ODE solution at t_min from x_T: Dopri5 at rtol = atol = tol."""
     sampler = S.ProbabilityFlowSampler(rtol=tol, atol=tol, max_steps=200_000)
-    x, info = S.sample(jax.random.PRNGKey(0), MIXTURE.score_fn(sde), sde, x_T.shape, sampler,
-                       x_init=x_T, dtype=x_T.dtype)
+    x, info = S.sample(
+        jax.random.PRNGKey(0), MIXTURE.score_fn(sde), sde, x_T.shape, sampler, x_init=x_T, dtype=x_T.dtype
+    )
     assert bool(info.success)
     return x
 

@@ -51,8 +51,14 @@ def command(mode, workdir, *extra, driver: tuple = ()) -> list:
 
 
 def run(mode, workdir, *extra, data_dir, devices=1, driver=(), check=True, timeout=600):
-    proc = subprocess.run(command(mode, workdir, *extra, driver=driver), capture_output=True, text=True,
-                          env=env(data_dir, devices=devices), cwd=ROOT, timeout=timeout)
+    proc = subprocess.run(
+        command(mode, workdir, *extra, driver=driver),
+        capture_output=True,
+        text=True,
+        env=env(data_dir, devices=devices),
+        cwd=ROOT,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"{mode} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
@@ -65,8 +71,13 @@ class Background:
         workdir = pathlib.Path(workdir)
         self.log = pathlib.Path(log or workdir.parent / f"{workdir.name}.{time.monotonic_ns()}")
         self.out, self.err = open(f"{self.log}.out", "w"), open(f"{self.log}.err", "w")
-        self.proc = subprocess.Popen(command(mode, workdir, *extra, driver=driver), stdout=self.out,
-                                     stderr=self.err, env=env(data_dir, devices=devices), cwd=ROOT)
+        self.proc = subprocess.Popen(
+            command(mode, workdir, *extra, driver=driver),
+            stdout=self.out,
+            stderr=self.err,
+            env=env(data_dir, devices=devices),
+            cwd=ROOT,
+        )
 
     def wait(self, timeout=600) -> int:
         try:

@@ -63,15 +63,16 @@ def _concat_shards(n: int) -> None:
     def concatenated(config, *, split, evaluation=None, **kwargs):
         if (split == "eval") if evaluation is None else evaluation:
             return build(config, split=split, evaluation=evaluation, **kwargs)
-        return _Concat([build(config, split=split, evaluation=False, shard_index=i, shard_count=n, **kwargs)
-                        for i in range(n)])
+        return _Concat(
+            [build(config, split=split, evaluation=False, shard_index=i, shard_count=n, **kwargs) for i in range(n)]
+        )
 
     data.build_data = concatenated
 
 
 def main(argv):
     split = argv.index("--")
-    opts, cli_args = argv[1:split], argv[split + 1:]
+    opts, cli_args = argv[1:split], argv[split + 1 :]
     while opts:
         flag, value, opts = opts[0], opts[1], opts[2:]
         if flag == "--log-indices":

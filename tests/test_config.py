@@ -4,6 +4,7 @@ import pathlib
 import runpy
 
 import ml_collections
+import model_configs
 import pytest
 
 from diffusion_jax.builders import config as config_lib
@@ -13,8 +14,6 @@ from diffusion_jax.builders.experiment import registries as library_registries
 from diffusion_jax.builders.model import build_model, model_input_shape
 from diffusion_jax.data.datasets import canonical_name
 from diffusion_jax.models.convert import count_params
-
-import model_configs
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIG_DIR = ROOT / "configs"
@@ -67,12 +66,21 @@ def _unknown_section_key():
 
 
 BAD = [
-    (_unknown_key_config, r"unknown key 'training.batchsize' \(did you mean training.batch_size\?\); valid keys in training:"),
+    (
+        _unknown_key_config,
+        r"unknown key 'training.batchsize' \(did you mean training.batch_size\?\); valid keys in training:",
+    ),
     (_unknown_section_key, r"unknown key 'modle' \(did you mean model\?\)"),
-    (lambda: _with(training__sde="vp"), r"training.sde = 'vp' is not allowed; valid: vesde, vpsde, subvpsde, edm, cosine, rectified_flow"),
+    (
+        lambda: _with(training__sde="vp"),
+        r"training.sde = 'vp' is not allowed; valid: vesde, vpsde, subvpsde, edm, cosine, rectified_flow",
+    ),
     (lambda: _with(model__name="unet"), r"model.name = 'unet' is not allowed; valid: "),
     (lambda: _with(sampling__method="heun3"), r"sampling.method = 'heun3' is not allowed; valid: "),
-    (lambda: _with(training__weighting="snr"), r"training.weighting = 'snr' is not allowed; valid: sigma2, eps, likelihood, edm, v, x0, min_snr"),
+    (
+        lambda: _with(training__weighting="snr"),
+        r"training.weighting = 'snr' is not allowed; valid: sigma2, eps, likelihood, edm, v, x0, min_snr",
+    ),
     (lambda: _with(training__time_sampler="beta"), r"training.time_sampler = 'beta' is not allowed"),
     (lambda: _with(training__batch_size=0), r"training.batch_size = 0 must be > 0"),
     (lambda: _with(training__n_jitted_steps=-1), r"training.n_jitted_steps = -1 must be > 0"),
@@ -83,7 +91,10 @@ BAD = [
     (lambda: _with(model__dtype="float16"), r"model.dtype = 'float16' is not allowed; valid: float32, bfloat16"),
     (lambda: _with(model__output="noise"), r"model.output = 'noise' is not allowed"),
     (lambda: _with(sampling__thresholding="soft"), r"sampling.thresholding = 'soft' is not allowed"),
-    (lambda: _with(training__likelihood_weighting=True, training__weighting="edm"), r"likelihood_weighting = True conflicts with training.weighting = 'edm'"),
+    (
+        lambda: _with(training__likelihood_weighting=True, training__weighting="edm"),
+        r"likelihood_weighting = True conflicts with training.weighting = 'edm'",
+    ),
 ]
 
 
@@ -131,7 +142,8 @@ def test_every_config_file_is_valid_and_documents_its_command(path):
     command = (module.get("__doc__") or "").strip().split("\n\n")[0].replace("\\\n", " ")
     command = " ".join(command.removeprefix("Run:").split())
     assert command.startswith(("diffusion-jax train ", "diffusion-jax eval ", "diffusion-jax sample ")), (
-        f"{rel}: the docstring must start with the command that runs it, got {command[:60]!r}")
+        f"{rel}: the docstring must start with the command that runs it, got {command[:60]!r}"
+    )
     assert f"--config {rel} " in command + " ", f"{rel}: the command must name the file (--config {rel})"
     assert "--workdir " in command, f"{rel}: the command needs --workdir"
     canonical_name(config.data.dataset)  # a registered data set (the data builder's check)
@@ -165,7 +177,7 @@ def test_cifar10_config_networks_match_score_sde(file, reference, count):
     for section in ("model", "data"):
         for key, value in expected[section].items():
             got = config[section][key]
-            norm = (lambda v: list(v) if isinstance(v, (list, tuple)) else v)
+            norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v
             assert norm(got) == norm(value), f"{file}: {section}.{key} = {got!r}, score_sde has {value!r}"
     assert count_params(build_model(config), model_input_shape(config)) == count
 
@@ -174,8 +186,10 @@ def _load(rel):
     return load_config(str(CONFIG_DIR / rel))
 
 
-@pytest.mark.parametrize("name", ["ddpmpp_continuous", "ddpmpp_deep_continuous", "ddpm_continuous",
-                                  "ncsnpp_continuous", "ncsnpp_deep_continuous"])
+@pytest.mark.parametrize(
+    "name",
+    ["ddpmpp_continuous", "ddpmpp_deep_continuous", "ddpm_continuous", "ncsnpp_continuous", "ncsnpp_deep_continuous"],
+)
 def test_subvp_configs_differ_from_vp_only_in_the_sde(name):
     """score_sde's sub-VP CIFAR-10 configs are its VP configs with training.sde = 'subvpsde'."""
     vp, subvp = _load(f"cifar10/vp/{name}.py"), _load(f"cifar10/subvp/{name}.py")
@@ -183,11 +197,14 @@ def test_subvp_configs_differ_from_vp_only_in_the_sde(name):
     assert (vp.training.sde, subvp.training.sde) == ("vpsde", "subvpsde")
 
 
-@pytest.mark.parametrize("deep,base", [
-    ("cifar10/ve/ncsnpp_deep_continuous.py", "cifar10/ve/ncsnpp_continuous.py"),
-    ("cifar10/vp/ddpmpp_deep_continuous.py", "cifar10/vp/ddpmpp_continuous.py"),
-    ("cifar10/vp/ncsnpp_deep_continuous.py", "cifar10/vp/ncsnpp_continuous.py"),
-])
+@pytest.mark.parametrize(
+    "deep,base",
+    [
+        ("cifar10/ve/ncsnpp_deep_continuous.py", "cifar10/ve/ncsnpp_continuous.py"),
+        ("cifar10/vp/ddpmpp_deep_continuous.py", "cifar10/vp/ddpmpp_continuous.py"),
+        ("cifar10/vp/ncsnpp_deep_continuous.py", "cifar10/vp/ncsnpp_continuous.py"),
+    ],
+)
 def test_deep_configs_double_the_blocks_and_train_950k_steps(deep, base):
     d, b = _load(deep), _load(base)
     assert config_lib.config_diff(b, d) == ["model.num_res_blocks", "training.n_iters"]

@@ -20,8 +20,15 @@ def _config(data_dir, **data_overrides):
     config = ml_collections.ConfigDict()
     config.seed = 42
     config.data = ml_collections.ConfigDict(
-        dict(dataset="digits", image_size=8, random_flip=True, centered=True,
-             uniform_dequantization=False, num_channels=1, data_dir=data_dir)
+        dict(
+            dataset="digits",
+            image_size=8,
+            random_flip=True,
+            centered=True,
+            uniform_dequantization=False,
+            num_channels=1,
+            data_dir=data_dir,
+        )
     )
     config.training = ml_collections.ConfigDict(dict(batch_size=64))
     config.eval = ml_collections.ConfigDict(dict(batch_size=100))
@@ -61,8 +68,7 @@ def test_seed_falls_back_to_config_seed(data_dir):
 
 def test_likelihood_evaluation_overrides(data_dir):
     config = _config(data_dir, centered=False)
-    ev = build_data(config, split="train", evaluation=True, uniform_dequantization=True,
-                    shard_index=0, shard_count=1)
+    ev = build_data(config, split="train", evaluation=True, uniform_dequantization=True, shard_index=0, shard_count=1)
     assert ev.info.uniform_dequantization and ev.num_batches == 15  # 1500 train images / 100
     x = next(ev)["image"]
     assert not np.allclose(x * 16, np.round(x * 16))  # dequantized off the grid

@@ -81,8 +81,9 @@ def test_pixels_scale_by_one_sixteenth(data_dir):
 
 def test_dequantized_digits_use_17_bins(data_dir):
     source = data.load("digits", split="train", data_dir=data_dir)
-    it = data.train_iterator(source, batch_size=500, seed=1, shard_index=0, shard_count=1,
-                             uniform_dequantization=True, num_epochs=1)
+    it = data.train_iterator(
+        source, batch_size=500, seed=1, shard_index=0, shard_count=1, uniform_dequantization=True, num_epochs=1
+    )
     x = np.concatenate([b["image"] for b in it])
     levels = np.floor(x * 17)
     assert levels.min() == 0 and levels.max() == 16
@@ -107,8 +108,16 @@ def test_digits_pipeline_throughput(data_dir):
     import time
 
     source = data.load("digits", split="train", data_dir=data_dir)
-    it = data.train_iterator(source, batch_size=128, seed=0, shard_index=0, shard_count=1,
-                             random_flip=True, centered=True, uniform_dequantization=True)
+    it = data.train_iterator(
+        source,
+        batch_size=128,
+        seed=0,
+        shard_index=0,
+        shard_count=1,
+        random_flip=True,
+        centered=True,
+        uniform_dequantization=True,
+    )
     next(it)
     start = time.perf_counter()
     for _ in range(100):

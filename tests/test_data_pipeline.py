@@ -16,8 +16,15 @@ def _source(n=N, *, levels=256, shape=(4, 6, 3), seed=0):
     examples they hold."""
     rng = np.random.default_rng(seed)
     images = rng.integers(0, levels, size=(n, *shape), dtype=np.uint8)
-    info = data.DataInfo(name="synthetic", shape=shape, num_levels=levels, num_classes=n,
-                         value_range=(0.0, 1.0), train_size=n, eval_size=n)
+    info = data.DataInfo(
+        name="synthetic",
+        shape=shape,
+        num_levels=levels,
+        num_classes=n,
+        value_range=(0.0, 1.0),
+        train_size=n,
+        eval_size=n,
+    )
     return data.ArraySource(images, np.arange(n), info=info)
 
 
@@ -181,8 +188,9 @@ def test_training_shards_are_disjoint_and_cover(n, shard_count):
     source = _source(n)
     per_epoch = []
     for shard in range(shard_count):
-        it = data.train_iterator(source, batch_size=4 * shard_count, seed=0, num_epochs=1,
-                                 shard_index=shard, shard_count=shard_count)
+        it = data.train_iterator(
+            source, batch_size=4 * shard_count, seed=0, num_epochs=1, shard_index=shard, shard_count=shard_count
+        )
         assert it.batch_size == 4 and it.global_batch_size == 4 * shard_count
         assert it.num_batches == (n // shard_count) // 4  # the same on every host
         ids = np.concatenate([b["label"] for b in it])
@@ -219,8 +227,14 @@ def test_eval_sees_every_example_exactly_once(shard_count, batch_size):
     source = _source()
     seen, counts = [], set()
     for shard in range(shard_count):
-        it = data.eval_iterator(source, batch_size=batch_size, shard_index=shard, shard_count=shard_count,
-                                centered=True, uniform_dequantization=True)
+        it = data.eval_iterator(
+            source,
+            batch_size=batch_size,
+            shard_index=shard,
+            shard_count=shard_count,
+            centered=True,
+            uniform_dequantization=True,
+        )
         batches = list(it)
         assert len(batches) == it.num_batches
         counts.add(it.num_batches)

@@ -60,8 +60,16 @@ def test_labelled_data_sets_at_native_size(mock, tmp_path, name, tfds_name, shap
 
 def test_cifar10_train_batches(mock, tmp_path):
     source = data.load("cifar10", split="train", data_dir=tmp_path)
-    it = data.train_iterator(source, batch_size=4, seed=0, shard_index=0, shard_count=1,
-                             random_flip=True, centered=True, uniform_dequantization=True)
+    it = data.train_iterator(
+        source,
+        batch_size=4,
+        seed=0,
+        shard_index=0,
+        shard_count=1,
+        random_flip=True,
+        centered=True,
+        uniform_dequantization=True,
+    )
     batch = next(it)
     assert batch["image"].shape == (4, 32, 32, 3) and batch["label"].shape == (4,)
     assert batch["image"].min() >= -1.0 and batch["image"].max() < 1.0

@@ -30,7 +30,7 @@ def test_toy_through_the_pipeline(name):
     resumed.set_state(state)
     np.testing.assert_array_equal(next(resumed)["image"], want["image"])
     with pytest.raises(ValueError, match="bits per dimension of discrete data are undefined"):
-        info.bits_per_dim_offset
+        _ = info.bits_per_dim_offset
 
 
 def test_samples_are_fixed_and_splits_differ():

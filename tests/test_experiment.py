@@ -92,7 +92,7 @@ def _config_with(overrides):
 
     config = load_config(str(CONFIG))
     for item in overrides:
-        key, value = item[len("--config."):].split("=", 1)
+        key, value = item[len("--config.") :].split("=", 1)
         try:
             value = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -116,8 +116,13 @@ def test_load_params_gives_a_trained_model(trained, monkeypatch):
     config = _config_with(TINY)
     exp, step, params = load_params(config, work, step=2)
     assert step == 2
-    x, info = diffusion_jax.sample(jax.random.PRNGKey(0), exp.score_fn(params), exp.sde, (2,) + exp.input_shape,
-                                   samplers.get_sampler("dpmpp_2m", num_steps=3))
+    x, info = diffusion_jax.sample(
+        jax.random.PRNGKey(0),
+        exp.score_fn(params),
+        exp.sde,
+        (2,) + exp.input_shape,
+        samplers.get_sampler("dpmpp_2m", num_steps=3),
+    )
     assert x.shape == (2, 8, 8, 1) and bool(np.all(np.isfinite(np.asarray(x)))) and int(info.nfe) == 3
     config.model.nf = 16  # a different network cannot load this workdir
     with pytest.raises(ConfigError, match="model.nf"):

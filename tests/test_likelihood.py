@@ -10,7 +10,16 @@ import pytest
 
 from diffusion_jax import likelihood as L
 from diffusion_jax.analytic import GaussianMixture
-from diffusion_jax.sde import EDMSDE, VESDE, VPSDE, CosineVPSDE, GeneralSDE, MarginalsUnavailableError, RectifiedFlow, SubVPSDE
+from diffusion_jax.sde import (
+    EDMSDE,
+    VESDE,
+    VPSDE,
+    CosineVPSDE,
+    GeneralSDE,
+    MarginalsUnavailableError,
+    RectifiedFlow,
+    SubVPSDE,
+)
 
 ALL = [VESDE(), VPSDE(), SubVPSDE(), EDMSDE(), CosineVPSDE(), RectifiedFlow()]
 IDS = [type(s).__name__ for s in ALL]
@@ -34,8 +43,18 @@ def test_exact_log_density_of_a_mixture(sde, x64):
     tolerance once the terminal density is the true p_T (this isolates the integration)."""
     mix = _mixture()
     x = mix.sample(jax.random.PRNGKey(0), 6, jnp.float64)
-    f = jax.jit(lambda k, x: L.log_likelihood(k, mix.score_fn(sde), sde, x, estimator="exact", rtol=1e-9,
-                                              atol=1e-9, prior_logp=_true_terminal(mix, sde, 6)))
+    f = jax.jit(
+        lambda k, x: L.log_likelihood(
+            k,
+            mix.score_fn(sde),
+            sde,
+            x,
+            estimator="exact",
+            rtol=1e-9,
+            atol=1e-9,
+            prior_logp=_true_terminal(mix, sde, 6),
+        )
+    )
     logp, info = f(jax.random.PRNGKey(1), x)
     exact = mix.log_prob(x, jnp.full((6,), sde.t_min), sde)
     np.testing.assert_allclose(logp, exact, atol=1e-6)
@@ -49,8 +68,9 @@ def test_log_likelihood_with_the_sde_prior_within_1e3_nats_per_dim(sde, x64):
     m shifts p_T by 0.0066 m), kept small here by data near the origin."""
     mix = _mixture(scale=0.1)
     x = mix.sample(jax.random.PRNGKey(2), 8, jnp.float64)
-    logp, _ = jax.jit(lambda k, x: L.log_likelihood(k, mix.score_fn(sde), sde, x, estimator="exact",
-                                                    rtol=1e-8, atol=1e-8))(jax.random.PRNGKey(0), x)
+    logp, _ = jax.jit(
+        lambda k, x: L.log_likelihood(k, mix.score_fn(sde), sde, x, estimator="exact", rtol=1e-8, atol=1e-8)
+    )(jax.random.PRNGKey(0), x)
     exact = mix.log_prob(x, jnp.full((8,), sde.t_min), sde)
     assert float(jnp.max(jnp.abs(logp - exact))) / 3 < 1e-3
 
@@ -64,8 +84,9 @@ def test_hutchinson_is_unbiased(estimator, x64):
     x = mix.sample(jax.random.PRNGKey(3), 4, jnp.float64)
     kw = dict(rtol=1e-7, atol=1e-7)
     exact, _ = L.log_likelihood(jax.random.PRNGKey(0), mix.score_fn(sde), sde, x, estimator="exact", **kw)
-    est, info = jax.jit(lambda k: L.log_likelihood(k, mix.score_fn(sde), sde, x, estimator=estimator,
-                                                   num_probes=256, **kw))(jax.random.PRNGKey(5))
+    est, info = jax.jit(
+        lambda k: L.log_likelihood(k, mix.score_fn(sde), sde, x, estimator=estimator, num_probes=256, **kw)
+    )(jax.random.PRNGKey(5))
     assert info.logp_probes.shape == (4, 256)
     z = (np.asarray(est) - np.asarray(exact)) / np.asarray(info.stderr)
     assert np.all(np.abs(z) < 4.0), z
@@ -77,8 +98,11 @@ def test_hutchinson_is_unbiased(estimator, x64):
 def _grid_case(num_levels, value_range):
     lo, hi = value_range
     mu, s = lo + 0.55 * (hi - lo), 0.2 * (hi - lo)
-    gauss = GaussianMixture(weights=jnp.array([1.0], jnp.float64), means=jnp.array([[mu, mu]], jnp.float64),
-                            stds=jnp.array([s], jnp.float64))
+    gauss = GaussianMixture(
+        weights=jnp.array([1.0], jnp.float64),
+        means=jnp.array([[mu, mu]], jnp.float64),
+        stds=jnp.array([s], jnp.float64),
+    )
     disc = L.Discretization(num_levels=num_levels, value_range=value_range)
     levels = jnp.array([[3, num_levels // 2], [num_levels - 5, num_levels // 3]], jnp.int32)
     w = disc.bin_width
@@ -89,7 +113,9 @@ def _grid_case(num_levels, value_range):
     return gauss, disc, levels, analytic_bpd
 
 
-@pytest.mark.parametrize("num_levels,value_range", [(256, (-1.0, 1.0)), (17, (0.0, 1.0))], ids=["8bit-centred", "17-level"])
+@pytest.mark.parametrize(
+    "num_levels,value_range", [(256, (-1.0, 1.0)), (17, (0.0, 1.0))], ids=["8bit-centred", "17-level"]
+)
 def test_bits_per_dim_of_dequantized_grid_data(num_levels, value_range, x64):
     """bits/dim of discrete data under a Gaussian model matches its closed form (uniform
     dequantization, offset from the data scaling)."""
@@ -98,9 +124,20 @@ def test_bits_per_dim_of_dequantized_grid_data(num_levels, value_range, x64):
     assert disc.offset_bits == pytest.approx({256: 7.0, 17: math.log2(17)}[num_levels])
     n_draws = 200
     # Each draw's estimate per example, to get the Monte-Carlo standard error of the dequantization.
-    f = jax.jit(lambda k: L.bits_per_dim(k, gauss.score_fn(sde), sde, levels, discretization=disc, num_draws=n_draws,
-                                         estimator="exact", rtol=1e-7, atol=1e-7,
-                                         prior_logp=_true_terminal(gauss, sde, 2)))
+    f = jax.jit(
+        lambda k: L.bits_per_dim(
+            k,
+            gauss.score_fn(sde),
+            sde,
+            levels,
+            discretization=disc,
+            num_draws=n_draws,
+            estimator="exact",
+            rtol=1e-7,
+            atol=1e-7,
+            prior_logp=_true_terminal(gauss, sde, 2),
+        )
+    )
     bpd, _ = f(jax.random.PRNGKey(0))
     # Dequantization noise: per-draw spread of -log p / (D ln 2) is at most (w^2 ...) small; bound it by
     # the closed-form std of the quadratic term.
@@ -124,8 +161,17 @@ def test_truncation_perturb_bound(x64):
     sde = VPSDE(t_min=1e-3)
     mix = _mixture()
     x = mix.sample(jax.random.PRNGKey(7), 3, jnp.float64)
-    one = lambda k: L.log_likelihood(k, mix.score_fn(sde), sde, x, estimator="exact", rtol=1e-7, atol=1e-7,
-                                     truncation="perturb", prior_logp=_true_terminal(mix, sde, 3))[0]
+    one = lambda k: L.log_likelihood(
+        k,
+        mix.score_fn(sde),
+        sde,
+        x,
+        estimator="exact",
+        rtol=1e-7,
+        atol=1e-7,
+        truncation="perturb",
+        prior_logp=_true_terminal(mix, sde, 3),
+    )[0]
     draws = np.asarray(jax.jit(lambda keys: jax.lax.map(one, keys))(jax.random.split(jax.random.PRNGKey(0), 64)))
     mean, se = draws.mean(0), draws.std(0) / 8
     exact0 = np.asarray(mix.log_prob(x))

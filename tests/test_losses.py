@@ -64,7 +64,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("sde,param,weighting", CASES, ids=[f"{type(c[0]).__name__}-{c[1].output}-{c[2]}" for c in CASES])
+@pytest.mark.parametrize(
+    "sde,param,weighting", CASES, ids=[f"{type(c[0]).__name__}-{c[1].output}-{c[2]}" for c in CASES]
+)
 def test_dsm_minimised_by_true_score(sde, param, weighting, x64):
     """On a Gaussian mixture the DSM loss, as a function of a perturbation delta of the exact
     prediction, has zero slope at delta = 0 (within its Monte-Carlo error) and grows away from it."""
@@ -122,8 +124,12 @@ def test_weightings_equal_textbook_forms(x64):
 
     # reduce_mean averages over data dimensions.
     loss_fn, batch, key = _loss_with_xt(VPSDE(), P.Parametrization(output="eps"), mix, "eps", n=n)
-    loss_mean_fn = L.dsm_loss_fn(_exact_model(mix, VPSDE(), P.Parametrization(output="eps")), VPSDE(),
-                                 P.Parametrization(output="eps"), reduce_mean=True)
+    loss_mean_fn = L.dsm_loss_fn(
+        _exact_model(mix, VPSDE(), P.Parametrization(output="eps")),
+        VPSDE(),
+        P.Parametrization(output="eps"),
+        reduce_mean=True,
+    )
     np.testing.assert_allclose(loss_mean_fn(0.2, batch, key)[0] * 3, loss_fn(0.2, batch, key)[0], rtol=1e-12)
 
 
@@ -195,7 +201,9 @@ def test_time_samplers(x64):
     lam_lo, lam_hi = float(sde.log_snr(sde.T)), float(sde.log_snr(sde.t_min))
     u = np.sort((lam - lam_lo) / (lam_hi - lam_lo))
     assert np.max(np.abs(u - (np.arange(n) + 0.5) / n)) < 1.63 / math.sqrt(n)  # KS test at 1%
-    np.testing.assert_allclose(w * sde.diffusion_sq(t) / sde.sigma(t) ** 2, (lam_hi - lam_lo) / (sde.T - sde.t_min), rtol=1e-8)
+    np.testing.assert_allclose(
+        w * sde.diffusion_sq(t) / sde.sigma(t) ** 2, (lam_hi - lam_lo) / (sde.T - sde.t_min), rtol=1e-8
+    )
     # Unbiased: E_importance[w f(t)] = E_uniform[f(t)] for a smooth f.
     f = lambda t: jnp.sin(3 * t) + t**2
     exact = (-(jnp.cos(3.0) - jnp.cos(3 * sde.t_min)) / 3 + (1 - sde.t_min**3) / 3) / (1 - sde.t_min)
@@ -264,7 +272,9 @@ def test_losses_are_jittable_and_differentiable():
     model = lambda p, x, c, cond, k: p["w"] * x + p["b"] * c[:, None]
     loss_fn = L.dsm_loss_fn(model, VPSDE(), param, weighting="likelihood", time_sampler=L.LikelihoodImportanceTime())
     params = {"w": jnp.array(0.3), "b": jnp.array(0.01)}
-    grads = jax.jit(jax.grad(lambda p, b, k: loss_fn(p, b, k)[0]))(params, {"image": jnp.ones((8, 5))}, jax.random.PRNGKey(0))
+    grads = jax.jit(jax.grad(lambda p, b, k: loss_fn(p, b, k)[0]))(
+        params, {"image": jnp.ones((8, 5))}, jax.random.PRNGKey(0)
+    )
     assert all(np.isfinite(v) for v in jax.tree_util.tree_leaves(grads))
 
 

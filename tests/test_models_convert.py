@@ -2,7 +2,6 @@
 conversion command. Uses the small NCSN++ fixture (tests/fixtures/score_sde_parity)."""
 
 import functools
-import importlib.util
 import json
 import pathlib
 import re
@@ -73,7 +72,10 @@ def test_wrong_shape_names_torch_and_flax():
     module, shape = module_and_shape()
     state = dict(fixture()[2])
     state["all_modules.8.NIN_1.W"] = np.zeros((32, 16), np.float32)
-    with pytest.raises(ConversionError, match=r"shape mismatch: PyTorch 'all_modules\.8\.NIN_1\.W' \(32, 16\).*AttnBlockpp_0/NIN_1/W.*\(32, 32\)"):
+    with pytest.raises(
+        ConversionError,
+        match=r"shape mismatch: PyTorch 'all_modules\.8\.NIN_1\.W' \(32, 16\).*AttnBlockpp_0/NIN_1/W.*\(32, 32\)",
+    ):
         convert_state_dict(module, state, input_shape=shape)
 
 
@@ -84,7 +86,9 @@ def test_missing_entry_and_extra_layer_are_reported():
     with pytest.raises(ConversionError, match=r"Flax parameter 'Conv_\d+/bias' has no PyTorch entry"):
         convert_state_dict(module, state, input_shape=shape)
     state = dict(fixture()[2], **{"all_modules.26.weight": np.zeros((3, 3, 3, 3), np.float32)})
-    with pytest.raises(ConversionError, match=r"27 PyTorch layers vs 26 Flax .* PyTorch 'all_modules\.26' and Flax '<none>'"):
+    with pytest.raises(
+        ConversionError, match=r"27 PyTorch layers vs 26 Flax .* PyTorch 'all_modules\.26' and Flax '<none>'"
+    ):
         convert_state_dict(module, state, input_shape=shape)
     state = dict(fixture()[2], **{"bogus.weight": np.zeros((3,), np.float32)})
     with pytest.raises(ConversionError, match="unexpected PyTorch entry 'bogus.weight'"):
@@ -182,10 +186,13 @@ def test_torch_pth_round_trip(tmp_path):
     assert np.max(np.abs(np.asarray(out) - ref)) / np.max(np.abs(ref)) < 1e-5
 
 
-@pytest.mark.parametrize("name,config_file", [
-    ("ncsnpp_ve_cont", "configs/cifar10/ve/ncsnpp_continuous.py"),
-    ("ddpmpp_vp_cont", "configs/cifar10/vp/ddpmpp_continuous.py"),
-])
+@pytest.mark.parametrize(
+    "name,config_file",
+    [
+        ("ncsnpp_ve_cont", "configs/cifar10/ve/ncsnpp_continuous.py"),
+        ("ddpmpp_vp_cont", "configs/cifar10/vp/ddpmpp_continuous.py"),
+    ],
+)
 def test_convert_command_writes_a_workdir_the_tools_load(tmp_path, name, config_file):
     """``diffusion-jax convert``'s library call: the converted workdir restores through the
     experiment code, and its score function (config -> network -> parametrization) reproduces
@@ -231,7 +238,14 @@ SCORE_SDE_FLAX_ORDER_256STYLE = (
     + ["ResnetBlockBigGANpp_4", "ResnetBlockBigGANpp_5", "AttnBlockpp_1", "ResnetBlockBigGANpp_6"]
     + ["ResnetBlockBigGANpp_7", "ResnetBlockBigGANpp_8", "GroupNorm_0", "Conv_1", "ResnetBlockBigGANpp_9"]
     + ["ResnetBlockBigGANpp_10", "ResnetBlockBigGANpp_11", "AttnBlockpp_2", "Upsample_0", "GroupNorm_1", "Conv_2"]
-    + ["ResnetBlockBigGANpp_12", "ResnetBlockBigGANpp_13", "ResnetBlockBigGANpp_14", "Upsample_1", "GroupNorm_2", "Conv_3"]
+    + [
+        "ResnetBlockBigGANpp_12",
+        "ResnetBlockBigGANpp_13",
+        "ResnetBlockBigGANpp_14",
+        "Upsample_1",
+        "GroupNorm_2",
+        "Conv_3",
+    ]
 )
 
 
@@ -239,7 +253,12 @@ def test_top_level_names_follow_score_sde_flax_naming():
     module, shape = module_and_shape("ncsnpp_ve_cont_256style_cat")
     params, order = flax_param_shapes(module, shape)
     assert order == SCORE_SDE_FLAX_ORDER_256STYLE
-    assert set(params) == set(SCORE_SDE_FLAX_ORDER_256STYLE) - {"Downsample_0", "Downsample_1", "Upsample_0", "Upsample_1"}
+    assert set(params) == set(SCORE_SDE_FLAX_ORDER_256STYLE) - {
+        "Downsample_0",
+        "Downsample_1",
+        "Upsample_0",
+        "Upsample_1",
+    }
     block = params["ResnetBlockBigGANpp_1"]  # a down block: 1x1 skip Conv_2
     assert sorted(block) == ["Conv_0", "Conv_1", "Conv_2", "Dense_0", "GroupNorm_0", "GroupNorm_1"]
     assert sorted(params["AttnBlockpp_0"]) == ["GroupNorm_0", "NIN_0", "NIN_1", "NIN_2", "NIN_3"]
@@ -275,7 +294,9 @@ def test_score_sde_flax_state_loads_params_and_ema():
     ema = jax.tree.map(lambda v: v * 0.5, params)
     state = _score_sde_state(params, ema)
     assert same_tree(load_score_sde_flax_params(module, state, input_shape=shape, ema=False), params)
-    assert same_tree(load_score_sde_flax_params(module, state, input_shape=shape, ema=True), jax.tree.map(np.asarray, ema))
+    assert same_tree(
+        load_score_sde_flax_params(module, state, input_shape=shape, ema=True), jax.tree.map(np.asarray, ema)
+    )
     broken = _score_sde_state(params, {**ema, "Conv_99": {"kernel": np.zeros((1,))}})
     with pytest.raises(ConversionError, match="'Conv_99/kernel' does not exist"):
         load_score_sde_flax_params(module, broken, input_shape=shape)

@@ -16,8 +16,16 @@ B, H, C = 2, 8, 3
 TINY = {
     "ncsnpp": dict(nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.1),
     "ddpmpp": dict(
-        nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.1, fir=False,
-        progressive_input="none", embedding_type="positional", scale_by_sigma=False, centered=True,
+        nf=16,
+        ch_mult=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(4,),
+        dropout=0.1,
+        fir=False,
+        progressive_input="none",
+        embedding_type="positional",
+        scale_by_sigma=False,
+        centered=True,
     ),
     "ddpm": dict(nf=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.1),
 }
@@ -66,7 +74,12 @@ def apply_fn(module):
     """A jitted apply, one per (hashable) module so equal networks share compilations."""
     return jax.jit(
         lambda p, x, labels, class_labels=None, context=None, train=False, key=None: module.apply(
-            {"params": p}, x, labels, class_labels=class_labels, context=context, train=train,
+            {"params": p},
+            x,
+            labels,
+            class_labels=class_labels,
+            context=context,
+            train=train,
             rngs=None if key is None else {"dropout": key},
         ),
         static_argnames=("train",),
@@ -83,7 +96,9 @@ def tree_paths(params):
 def test_registry_and_unknown_names():
     assert set(MODELS) == {"ncsnpp", "ddpm", "ncsnv2_64", "ncsnv2_128", "ncsnv2_256"}
     assert isinstance(get_model("ncsnpp", nf=16), NCSNpp)
-    with pytest.raises(ValueError, match="unknown model 'unet'; valid names: ddpm, ncsnpp, ncsnv2_128, ncsnv2_256, ncsnv2_64"):
+    with pytest.raises(
+        ValueError, match="unknown model 'unet'; valid names: ddpm, ncsnpp, ncsnv2_128, ncsnv2_256, ncsnv2_64"
+    ):
         get_model("unet")
 
 
@@ -251,7 +266,9 @@ def test_fourier_embedding_takes_sigma_and_scales_by_it():
     ref = apply_fn(plain)(params, x, labels)
     np.testing.assert_allclose(out * labels[:, None, None, None], ref, rtol=1e-5, atol=1e-5)
     # A scalar label is broadcast over the batch.
-    np.testing.assert_allclose(apply_fn(scaled)(params, x, 0.5), apply_fn(scaled)(params, x, jnp.array([0.5, 0.5])), rtol=1e-6)
+    np.testing.assert_allclose(
+        apply_fn(scaled)(params, x, 0.5), apply_fn(scaled)(params, x, jnp.array([0.5, 0.5])), rtol=1e-6
+    )
 
 
 @pytest.mark.parametrize("kind", ["ncsnpp", "ddpm"])
@@ -260,7 +277,9 @@ def test_uncentered_data_is_mapped_to_minus_one_one(kind):
     b = make(kind, centered=True)
     params = random_params(a)
     x, labels = inputs()
-    np.testing.assert_allclose(apply_fn(a)(params, x, labels), apply_fn(b)(params, 2 * x - 1, labels), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        apply_fn(a)(params, x, labels), apply_fn(b)(params, 2 * x - 1, labels), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_unconditional_ddpm_ignores_the_labels():
@@ -282,7 +301,9 @@ def test_ncsnv2_variants(cls, size):
     out = jax.eval_shape(lambda p, x: module.apply({"params": p}, x, labels), params, x)
     assert out.shape == x.shape and out.dtype == x.dtype
     n_blocks = sum(len(blocks) for _, blocks in cls.STAGES)
-    assert sorted(k for k in params if k.startswith("ResidualBlock")) == sorted(f"ResidualBlock_{i}" for i in range(n_blocks))
+    assert sorted(k for k in params if k.startswith("ResidualBlock")) == sorted(
+        f"ResidualBlock_{i}" for i in range(n_blocks)
+    )
     assert len([k for k in params if k.startswith("RefineBlock")]) == len(cls.REFINES)
     with pytest.raises(ValueError, match="has no class or context conditioning"):
         jax.eval_shape(lambda p, x: module.apply({"params": p}, x, labels, class_labels=jnp.array([0, 1])), params, x)

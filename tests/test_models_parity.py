@@ -130,7 +130,9 @@ def test_per_module_activations_match(name):
         assert relative_error(ours, ref) < TOLERANCE, key
 
 
-@pytest.mark.parametrize("name", ["ncsnpp_ve_cont", "ddpmpp_vp_cont_resblock_ddpm_patched", "ddpm_vp_cont", "ncsnv2_ve_patched"])
+@pytest.mark.parametrize(
+    "name", ["ncsnpp_ve_cont", "ddpmpp_vp_cont_resblock_ddpm_patched", "ddpm_vp_cont", "ncsnv2_ve_patched"]
+)
 def test_initialisers_match_score_sde_statistics(name):
     """Our init draws have the statistics score_sde's constructors produced (fixture
     ``init_tensor_stats``): exact constants (zeros, ones) stay exact; for random tensors the

@@ -30,7 +30,13 @@ def upfirdn2d_reference(x, k, up, down, pad):
 
 @pytest.mark.parametrize(
     "k, up, down, pad",
-    [((1, 3, 3, 1), 1, 1, (2, 1)), ((1, 3, 3, 1), 2, 1, (2, 1)), ((1, 3, 3, 1), 1, 2, (1, 1)), ((1, 2, 3), 2, 1, (1, -1)), ((1, 4, 2), 1, 2, (0, 2))],
+    [
+        ((1, 3, 3, 1), 1, 1, (2, 1)),
+        ((1, 3, 3, 1), 2, 1, (2, 1)),
+        ((1, 3, 3, 1), 1, 2, (1, 1)),
+        ((1, 2, 3), 2, 1, (1, -1)),
+        ((1, 4, 2), 1, 2, (0, 2)),
+    ],
 )
 def test_upfirdn2d_matches_definition(k, up, down, pad):
     x = np.random.default_rng(0).standard_normal((2, 6, 6, 3))
@@ -48,10 +54,13 @@ def test_fir_resampling_shapes_and_constant_images():
     # Unit DC gain away from the zero-padded border.
     np.testing.assert_allclose(up[:, 2:-2, 2:-2], 1.0, rtol=1e-6)
     np.testing.assert_allclose(down[:, 1:-1, 1:-1], 1.0, rtol=1e-6)
-    np.testing.assert_allclose(resampling.naive_upsample_2d(jnp.arange(4.0).reshape(1, 2, 2, 1))[0, :, :, 0],
-                               [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]])
-    np.testing.assert_allclose(resampling.naive_downsample_2d(jnp.arange(16.0).reshape(1, 4, 4, 1))[0, :, :, 0],
-                               [[2.5, 4.5], [10.5, 12.5]])
+    np.testing.assert_allclose(
+        resampling.naive_upsample_2d(jnp.arange(4.0).reshape(1, 2, 2, 1))[0, :, :, 0],
+        [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]],
+    )
+    np.testing.assert_allclose(
+        resampling.naive_downsample_2d(jnp.arange(16.0).reshape(1, 4, 4, 1))[0, :, :, 0], [[2.5, 4.5], [10.5, 12.5]]
+    )
 
 
 def test_fused_upsample_conv_matches_transposed_conv_then_fir():
@@ -97,8 +106,8 @@ def test_resampling_layers_shapes_and_parameters():
         (Downsample(fir=True), (2, 4, 4, 4), set()),
     ]
     for layer, shape, params in cases:
-        variables = jax.eval_shape(lambda: layer.init(jax.random.key(0), x))
+        variables = jax.eval_shape(lambda layer=layer: layer.init(jax.random.key(0), x))
         assert set(variables.get("params", {})) == params
-        assert jax.eval_shape(lambda v: layer.apply(v, x), variables).shape == shape
+        assert jax.eval_shape(lambda v, layer=layer: layer.apply(v, x), variables).shape == shape
     v = jax.eval_shape(lambda: Conv2d(features=5, up=True).init(jax.random.key(0), x))
     assert v["params"]["kernel"].shape == (3, 3, 4, 5) and v["params"]["bias"].shape == (5,)

@@ -5,12 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _sampler_problems import MIXTURE
 
 from diffusion_jax.sde import VPSDE
 from diffusion_jax.solvers import ode
 from diffusion_jax.solvers.ode import odeint, odeint_fixed
-
-from _sampler_problems import MIXTURE
 
 SOLVERS = ["dopri5", "tsit5"]
 
@@ -193,8 +192,9 @@ def test_probability_flow_log_density_of_a_mixture(x64):
         jac = jax.vmap(jax.jacfwd(lambda xi, ti: flow(xi[None], ti[None])[0]))(x, t)
         return flow(x, t), jnp.trace(jac, axis1=1, axis2=2)
 
-    (x_T, dlogp), stats = odeint(field, (x0, jnp.zeros(8)), sde.t_min, sde.T, error_norm="per_sample",
-                                 rtol=1e-8, atol=1e-8)
+    (x_T, dlogp), stats = odeint(
+        field, (x0, jnp.zeros(8)), sde.t_min, sde.T, error_norm="per_sample", rtol=1e-8, atol=1e-8
+    )
     assert bool(stats.success) and stats.num_steps.shape == (8,)
     logp = MIXTURE.log_prob(x_T, jnp.full(8, sde.T), sde) + dlogp
     np.testing.assert_allclose(logp, MIXTURE.log_prob(x0, jnp.full(8, sde.t_min), sde), atol=1e-6)

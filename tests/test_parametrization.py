@@ -9,7 +9,16 @@ import numpy as np
 import pytest
 
 from diffusion_jax import parametrization as P
-from diffusion_jax.sde import EDMSDE, VESDE, VPSDE, CosineVPSDE, GeneralSDE, RectifiedFlow, SubVPSDE, MarginalsUnavailableError
+from diffusion_jax.sde import (
+    EDMSDE,
+    VESDE,
+    VPSDE,
+    CosineVPSDE,
+    GeneralSDE,
+    MarginalsUnavailableError,
+    RectifiedFlow,
+    SubVPSDE,
+)
 
 ALL = [VESDE(), VPSDE(), SubVPSDE(), EDMSDE(), CosineVPSDE(), RectifiedFlow()]
 IDS = [type(s).__name__ for s in ALL]
@@ -129,7 +138,9 @@ def test_bad_input():
         p.apply(lambda x, c: jnp.ones((2, 3)), VPSDE(), jnp.ones((2, 4)), jnp.array([0.1, 0.2]))
     general = GeneralSDE(drift_fn=lambda x, t: -x, diffusion_fn=lambda t: jnp.ones_like(t))
     with pytest.raises(MarginalsUnavailableError):
-        P.convert(jnp.ones((2, 3)), from_kind="eps", to_kind="x0", sde=general, x=jnp.ones((2, 3)), t=jnp.array([0.1, 0.2]))
+        P.convert(
+            jnp.ones((2, 3)), from_kind="eps", to_kind="x0", sde=general, x=jnp.ones((2, 3)), t=jnp.array([0.1, 0.2])
+        )
 
 
 def test_parametrization_is_a_pytree():
@@ -137,4 +148,6 @@ def test_parametrization_is_a_pytree():
     leaves, treedef = jax.tree_util.tree_flatten(p)
     assert leaves == [0.3]
     f = jax.jit(lambda p, x, t: p.network_inputs(VPSDE(), x, t)[1])
-    np.testing.assert_allclose(f(p, jnp.ones((2, 3)), jnp.array([0.1, 0.5])), np.log(VPSDE().sigma_tilde(jnp.array([0.1, 0.5]))) / 4, rtol=1e-5)
+    np.testing.assert_allclose(
+        f(p, jnp.ones((2, 3)), jnp.array([0.1, 0.5])), np.log(VPSDE().sigma_tilde(jnp.array([0.1, 0.5]))) / 4, rtol=1e-5
+    )

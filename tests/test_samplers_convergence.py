@@ -31,11 +31,10 @@ import functools
 import jax
 import jax.numpy as jnp
 import pytest
+from _sampler_problems import MIXTURE, empirical_order, prior_noise, reference_solution, rms
 
 from diffusion_jax import samplers as S
 from diffusion_jax.sde import VPSDE
-
-from _sampler_problems import MIXTURE, empirical_order, prior_noise, reference_solution, rms
 
 SDE = VPSDE()
 BATCH = 32
@@ -59,7 +58,7 @@ CASES = [
 ]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _problem():
     with jax.enable_x64(True):
         x_T = prior_noise(SDE, BATCH)
@@ -71,8 +70,7 @@ def _errors(sampler, ns):
     score = MIXTURE.score_fn(SDE)
     errs = []
     for n in ns:
-        x, info = S.sample(jax.random.PRNGKey(0), score, SDE, x_T.shape, sampler.replace(num_steps=n),
-                           x_init=x_T)
+        x, info = S.sample(jax.random.PRNGKey(0), score, SDE, x_T.shape, sampler.replace(num_steps=n), x_init=x_T)
         assert x.dtype == jnp.float64
         errs.append(rms(x, ref))
     return errs

@@ -14,23 +14,26 @@ import functools
 import jax
 import numpy as np
 import pytest
+from _sampler_problems import MIXTURE, sliced_wasserstein
 
 from diffusion_jax import samplers as S
 from diffusion_jax.sde import EDMSDE, VESDE, VPSDE, CosineVPSDE, RectifiedFlow, SubVPSDE
 
-from _sampler_problems import MIXTURE, sliced_wasserstein
-
 N = 16000
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _floor():
-    swds = [sliced_wasserstein(MIXTURE.sample(jax.random.PRNGKey(100 + 2 * i), N),
-                               MIXTURE.sample(jax.random.PRNGKey(101 + 2 * i), N)) for i in range(6)]
+    swds = [
+        sliced_wasserstein(
+            MIXTURE.sample(jax.random.PRNGKey(100 + 2 * i), N), MIXTURE.sample(jax.random.PRNGKey(101 + 2 * i), N)
+        )
+        for i in range(6)
+    ]
     return float(np.mean(swds)), float(np.std(swds))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _exact():
     return np.asarray(MIXTURE.sample(jax.random.PRNGKey(7), N))
 

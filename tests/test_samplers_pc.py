@@ -6,12 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _sampler_problems import MIXTURE, empirical_order, prior_noise, reference_solution, rms
 
 from diffusion_jax import samplers as S
 from diffusion_jax.samplers.base import Model, NoiseSource
 from diffusion_jax.sde import VESDE, VPSDE, SubVPSDE
-
-from _sampler_problems import MIXTURE, empirical_order, prior_noise, reference_solution, rms
 
 KEY = jax.random.PRNGKey(0)
 
@@ -76,8 +75,7 @@ def test_reverse_diffusion_and_ancestral_on_the_ddpm_table():
     _, x_mean = S.AncestralPredictor().update(model, x, t, t - 0.001, noise, (1, 0))
     np.testing.assert_allclose(x_mean, (x + beta * s) / np.sqrt(1 - beta), rtol=1e-5)
     # Probability flow: reverse diffusion with half the score term and no noise.
-    x_pf, x_mean_pf = S.ReverseDiffusionPredictor().update(model, x, t, t - 0.001, noise, (1, 0),
-                                                          probability_flow=True)
+    x_pf, x_mean_pf = S.ReverseDiffusionPredictor().update(model, x, t, t - 0.001, noise, (1, 0), probability_flow=True)
     np.testing.assert_allclose(x_pf, x - ((np.sqrt(1 - beta) - 1) * x - 0.5 * beta * s), rtol=1e-5)
 
 
@@ -107,10 +105,12 @@ def test_pc_step_is_corrector_then_predictor():
 def test_denoise_returns_the_last_predictor_mean():
     sde = VESDE(N=30)
     score = MIXTURE.score_fn(sde)
-    a, _ = S.sample(KEY, score, sde, (4, 2), S.get_sampler("reverse_diffusion", num_steps=30, denoise=True),
-                    return_trajectory=True)
-    b, info = S.sample(KEY, score, sde, (4, 2), S.get_sampler("reverse_diffusion", num_steps=30, denoise=False),
-                       return_trajectory=True)
+    a, _ = S.sample(
+        KEY, score, sde, (4, 2), S.get_sampler("reverse_diffusion", num_steps=30, denoise=True), return_trajectory=True
+    )
+    b, info = S.sample(
+        KEY, score, sde, (4, 2), S.get_sampler("reverse_diffusion", num_steps=30, denoise=False), return_trajectory=True
+    )
     np.testing.assert_array_equal(info.trajectory[-1], b)
     # The runs share everything but the last step's noise G_0 z, G_0 = sqrt(s_1^2 - s_0^2) of the
     # SMLD table (about 0.009 here).
@@ -126,8 +126,14 @@ def test_probability_flow_predictor_converges_at_order_one(x64):
     ref = reference_solution(sde, x_T)
     ns, errs = [200, 400, 800], []
     for n in ns:
-        smp = S.PCSampler(predictor=S.EulerMaruyamaPredictor(), corrector=S.NoneCorrector(), num_steps=n,
-                          grid=S.UniformGrid(), probability_flow=True, denoise=False)
+        smp = S.PCSampler(
+            predictor=S.EulerMaruyamaPredictor(),
+            corrector=S.NoneCorrector(),
+            num_steps=n,
+            grid=S.UniformGrid(),
+            probability_flow=True,
+            denoise=False,
+        )
         x, _ = S.sample(KEY, MIXTURE.score_fn(sde), sde, x_T.shape, smp, x_init=x_T)
         errs.append(rms(x, ref))
     assert abs(empirical_order(ns, errs) - 1.0) < 0.3, errs

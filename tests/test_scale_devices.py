@@ -7,8 +7,16 @@ import signal
 
 import numpy as np
 import pytest
-
-from _scale_cli import Background, assert_trees_equal, checkpoint_steps, free_port, history, load_state, run, wait_for_step
+from _scale_cli import (
+    Background,
+    assert_trees_equal,
+    checkpoint_steps,
+    free_port,
+    history,
+    load_state,
+    run,
+    wait_for_step,
+)
 
 
 def _assert_histories_close(a, b, rtol):
@@ -34,18 +42,30 @@ def test_eight_devices_train_like_one(scale_reference, scale_data_dir, tmp_path)
 
 
 def test_global_batch_must_divide_over_devices(scale_data_dir, tmp_path):
-    proc = run("train", tmp_path / "w", "--config.training.batch_size=12", data_dir=scale_data_dir, devices=8, check=False)
+    proc = run(
+        "train", tmp_path / "w", "--config.training.batch_size=12", data_dir=scale_data_dir, devices=8, check=False
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert ("training.batch_size = 12 (the global batch) does not divide over the 8 devices (1 host x 8 devices); "
-            "use a multiple of 8, e.g. 8 or 16") in proc.stderr
+    assert (
+        "training.batch_size = 12 (the global batch) does not divide over the 8 devices (1 host x 8 devices); "
+        "use a multiple of 8, e.g. 8 or 16"
+    ) in proc.stderr
 
 
 def _launch(work, n_iters, *, data_dir, port, logs):
     return [
-        Background("train", work, f"--config.training.n_iters={n_iters}",
-                   f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-                   "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
-                   data_dir=data_dir, devices=2, driver=("--log-indices", str(logs[i])), log=work.parent / f"p{i}.{port}")
+        Background(
+            "train",
+            work,
+            f"--config.training.n_iters={n_iters}",
+            f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+            "--config.distributed.num_processes=2",
+            f"--config.distributed.process_id={i}",
+            data_dir=data_dir,
+            devices=2,
+            driver=("--log-indices", str(logs[i])),
+            log=work.parent / f"p{i}.{port}",
+        )
         for i in range(2)
     ]
 
@@ -75,7 +95,10 @@ def test_two_processes_preempt_resume_and_match_one(scale_data_dir, tmp_path):
     stop = stops.pop()
     assert stop < n and checkpoint_steps(work)[-1] == stop
     data_states = sorted((work / "checkpoints" / str(stop) / "data").glob("process_*-of-2.json"))
-    assert [json.loads(p.read_text())["json"]["pipeline"].split()[-1] for p in data_states] == ["shard=0/2", "shard=1/2"]
+    assert [json.loads(p.read_text())["json"]["pipeline"].split()[-1] for p in data_states] == [
+        "shard=0/2",
+        "shard=1/2",
+    ]
 
     procs = _launch(work, n, data_dir=scale_data_dir, port=free_port(), logs=logs)
     codes = [p.wait() for p in procs]
@@ -98,17 +121,32 @@ def test_two_processes_preempt_resume_and_match_one(scale_data_dir, tmp_path):
     ref = tmp_path / "single"
     run("train", ref, f"--config.training.n_iters={n}", data_dir=scale_data_dir, driver=("--concat-shards", "2"))
     _assert_histories_close(history(work), history(ref), rtol=1e-5)
-    assert_trees_equal(load_state(work / "checkpoints" / str(n))["params"],
-                       load_state(ref / "checkpoints" / str(n))["params"], rtol=1e-4, atol=1e-5)
+    assert_trees_equal(
+        load_state(work / "checkpoints" / str(n))["params"],
+        load_state(ref / "checkpoints" / str(n))["params"],
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 def test_global_batch_must_divide_over_hosts(scale_data_dir, tmp_path):
     port = free_port()
-    procs = [Background("train", tmp_path / "w", "--config.training.batch_size=6",
-                        f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-                        "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
-                        data_dir=scale_data_dir, devices=2, log=tmp_path / f"p{i}")
-             for i in range(2)]
+    procs = [
+        Background(
+            "train",
+            tmp_path / "w",
+            "--config.training.batch_size=6",
+            f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+            "--config.distributed.num_processes=2",
+            f"--config.distributed.process_id={i}",
+            data_dir=scale_data_dir,
+            devices=2,
+            log=tmp_path / f"p{i}",
+        )
+        for i in range(2)
+    ]
     assert [p.wait() for p in procs] == [2, 2]
-    assert ("training.batch_size = 6 (the global batch) does not divide over the 4 devices (2 hosts x 2 devices); "
-            "use a multiple of 4, e.g. 4 or 8") in procs[0].stderr
+    assert (
+        "training.batch_size = 6 (the global batch) does not divide over the 4 devices (2 hosts x 2 devices); "
+        "use a multiple of 4, e.g. 4 or 8"
+    ) in procs[0].stderr

@@ -10,9 +10,17 @@ import subprocess
 
 import numpy as np
 import pytest
-
-from _scale_cli import (REFERENCE_STEPS, Background, assert_trees_equal, checkpoint_steps, history, load_state,
-                        logged_steps, run, wait_for_step)
+from _scale_cli import (
+    REFERENCE_STEPS,
+    Background,
+    assert_trees_equal,
+    checkpoint_steps,
+    history,
+    load_state,
+    logged_steps,
+    run,
+    wait_for_step,
+)
 
 N = REFERENCE_STEPS
 
@@ -106,17 +114,31 @@ def test_nonfinite_loss_stops_or_is_skipped_at_its_step(scale_data_dir, tmp_path
     """A learning rate of 1e30 makes the first update blow the network up: the loss of step 2 is
     NaN. nan_policy='stop' stops there, naming the step and the metrics, with the state before
     it saved; 'skip' skips each such update, records it, and stops after max_consecutive_nan."""
-    proc = run("train", tmp_path / "stop", "--config.training.n_iters=6", "--config.optim.lr=1e30",
-               "--config.training.nan_policy=stop", data_dir=scale_data_dir, check=False)
+    proc = run(
+        "train",
+        tmp_path / "stop",
+        "--config.training.n_iters=6",
+        "--config.optim.lr=1e30",
+        "--config.training.nan_policy=stop",
+        data_dir=scale_data_dir,
+        check=False,
+    )
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "training diverged: non-finite loss or gradient at step 2:" in proc.stderr
     assert "'loss': nan" in proc.stderr and "the update was not applied" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert checkpoint_steps(tmp_path / "stop") == [1]  # the last good state
 
-    proc = run("train", tmp_path / "skip", "--config.training.n_iters=6", "--config.optim.lr=1e30",
-               "--config.training.nan_policy=skip", "--config.training.max_consecutive_nan=3",
-               data_dir=scale_data_dir, check=False)
+    proc = run(
+        "train",
+        tmp_path / "skip",
+        "--config.training.n_iters=6",
+        "--config.optim.lr=1e30",
+        "--config.training.nan_policy=skip",
+        "--config.training.max_consecutive_nan=3",
+        data_dir=scale_data_dir,
+        check=False,
+    )
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert proc.stderr.count("update skipped") == 3
     assert "3 consecutive non-finite steps" in proc.stderr
@@ -161,7 +183,8 @@ def test_disk_full_keeps_saved_checkpoints(scale_reference, scale_data_dir, tmp_
         assert (
             f"diffusion-jax train: could not write checkpoint 6 in {work / 'checkpoints'}: the disk is full (No space "
             "left on device). The checkpoints already saved are intact (steps 2, 4); free some space, then rerun the "
-            "same command to resume from step 4.") in proc.stderr, proc.stderr[-3000:]
+            "same command to resume from step 4."
+        ) in proc.stderr, proc.stderr[-3000:]
         assert checkpoint_steps(work) == [2, 4]
         assert not list((work / "checkpoints").glob("*tmp*"))  # the partial save was removed at once
         # What was saved is intact: checkpoint 4 is the reference's, bit for bit (resuming from a
@@ -183,13 +206,26 @@ def test_unwritable_workdir_missing_data_and_bad_batch(scale_data_dir, tmp_path)
     finally:
         _umount(ro)
     # Missing data: a TFDS data set nobody prepared, an image folder that is not there.
-    proc = run("train", tmp_path / "c", "--config.data.dataset=cifar10", "--config.data.image_size=32",
-               "--config.data.num_channels=3", f"--config.data.data_dir={tmp_path / 'nothing'}",
-               data_dir=scale_data_dir, check=False)
+    proc = run(
+        "train",
+        tmp_path / "c",
+        "--config.data.dataset=cifar10",
+        "--config.data.image_size=32",
+        "--config.data.num_channels=3",
+        f"--config.data.data_dir={tmp_path / 'nothing'}",
+        data_dir=scale_data_dir,
+        check=False,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "diffusion-jax train: data: TFDS data set 'cifar10'" in proc.stderr and "no prepared copy" in proc.stderr
-    proc = run("train", tmp_path / "f", "--config.data.dataset=folder", f"--config.data.folder_path={tmp_path / 'none'}",
-               data_dir=scale_data_dir, check=False)
+    proc = run(
+        "train",
+        tmp_path / "f",
+        "--config.data.dataset=folder",
+        f"--config.data.folder_path={tmp_path / 'none'}",
+        data_dir=scale_data_dir,
+        check=False,
+    )
     assert proc.returncode == 2 and "is not a directory" in proc.stderr
     assert "Traceback" not in proc.stderr
     # A failed start does not tie the workdir to its config.
@@ -197,15 +233,23 @@ def test_unwritable_workdir_missing_data_and_bad_batch(scale_data_dir, tmp_path)
     # A global batch that does not split into the micro-batches on each device.
     proc = run("train", tmp_path / "b", "--config.training.grad_accum_steps=3", data_dir=scale_data_dir, check=False)
     assert proc.returncode == 2
-    assert ("training.batch_size = 16 gives 16 examples per device (1 host x 1 device), which do not split into "
-            "grad_accum_steps = 3 micro-batches") in proc.stderr
+    assert (
+        "training.batch_size = 16 gives 16 examples per device (1 host x 1 device), which do not split into "
+        "grad_accum_steps = 3 micro-batches"
+    ) in proc.stderr
 
 
 def test_incompatible_workdir_stops_through_the_command_line(scale_reference, scale_data_dir, tmp_path):
     work = tmp_path / "run"
     shutil.copytree(scale_reference, work)
-    proc = run("train", work, f"--config.training.n_iters={N + 2}", "--config.model.nf=16",
-               data_dir=scale_data_dir, check=False)
+    proc = run(
+        "train",
+        work,
+        f"--config.training.n_iters={N + 2}",
+        "--config.model.nf=16",
+        data_dir=scale_data_dir,
+        check=False,
+    )
     assert proc.returncode == 2
     assert f"workdir {work} was written by an incompatible config; these keys differ: model.nf" in proc.stderr
     assert checkpoint_steps(work) == checkpoint_steps(scale_reference)  # nothing touched

@@ -51,24 +51,44 @@ def test_preemption_counter_counts_loop_iterations():
     state = replicate(init_train_state({"w": jnp.zeros((3, 2))}, opt, jax.random.PRNGKey(0)), mesh)
     notice = _NoticeAt(3)
     with pytest.raises(loop_lib.Preempted, match="stopped at step 5 on a preemption signal"):
-        loop_lib.fit(state=state, step_fn=jax.jit(make_train_step(_loss, opt, ema_rate=0.9)), data_iter=batches,
-                     mesh=mesh, n_iters=100, n_jitted_steps=2, checkpointer=notice, checkpoint_every=0,
-                     progress=False)
+        loop_lib.fit(
+            state=state,
+            step_fn=jax.jit(make_train_step(_loss, opt, ema_rate=0.9)),
+            data_iter=batches,
+            mesh=mesh,
+            n_iters=100,
+            n_jitted_steps=2,
+            checkpointer=notice,
+            checkpoint_every=0,
+            progress=False,
+        )
     assert notice.counters == [1, 2, 3]
     assert notice.saved == [5]
 
 
-@pytest.mark.parametrize("batch, devices, hosts, accum, per_device", [
-    (128, 8, 1, 1, 16), (128, 8, 2, 1, 16), (128, 8, 2, 4, 16), (16, 16, 4, 1, 1),
-])
+@pytest.mark.parametrize(
+    "batch, devices, hosts, accum, per_device",
+    [
+        (128, 8, 1, 1, 16),
+        (128, 8, 2, 1, 16),
+        (128, 8, 2, 4, 16),
+        (16, 16, 4, 1, 1),
+    ],
+)
 def test_per_device_batch(batch, devices, hosts, accum, per_device):
     assert per_device_batch(batch, num_devices=devices, num_processes=hosts, grad_accum_steps=accum) == per_device
 
 
 def test_per_device_batch_errors_say_what_divides():
-    with pytest.raises(ValueError, match=r"training.batch_size = 100 \(the global batch\) does not divide over the "
-                                         r"8 devices \(2 hosts x 4 devices\); use a multiple of 8, e.g. 96 or 104"):
+    with pytest.raises(
+        ValueError,
+        match=r"training.batch_size = 100 \(the global batch\) does not divide over the "
+        r"8 devices \(2 hosts x 4 devices\); use a multiple of 8, e.g. 96 or 104",
+    ):
         per_device_batch(100, num_devices=8, num_processes=2, name="training.batch_size")
-    with pytest.raises(ValueError, match=r"gives 2 examples per device \(1 host x 8 devices\), which do not split into "
-                                         r"grad_accum_steps = 4 micro-batches; use a global batch that is a multiple of 32"):
+    with pytest.raises(
+        ValueError,
+        match=r"gives 2 examples per device \(1 host x 8 devices\), which do not split into "
+        r"grad_accum_steps = 4 micro-batches; use a global batch that is a multiple of 32",
+    ):
         per_device_batch(16, num_devices=8, grad_accum_steps=4)

@@ -8,7 +8,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from _scale_cli import ROOT, env, load_state, run  # noqa: F401
 
 # Runs on 2 simulated devices (the flag must be set before JAX starts, hence a subprocess; two
@@ -96,11 +95,17 @@ print("RESULT " + json.dumps(out))
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, cwd=ROOT, timeout=600,
-                          env=env(tmp_path_factory.mktemp("data"), devices=2))
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        env=env(tmp_path_factory.mktemp("data"), devices=2),
+    )
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    return json.loads(lines[0][len("RESULT "):])
+    return json.loads(lines[0][len("RESULT ") :])
 
 
 @pytest.mark.slow
@@ -140,9 +145,17 @@ def test_bf16_computes_in_bf16_and_keeps_float32_state(measured):
 
 @pytest.mark.slow
 def test_memory_switches_train_through_the_command_line(scale_data_dir, tmp_path):
-    proc = run("train", tmp_path / "w", "--config.training.n_iters=6", "--config.model.dtype=bfloat16",
-               "--config.model.remat=True", "--config.training.grad_accum_steps=2", "--config.training.batch_size=32",
-               data_dir=scale_data_dir, devices=2)
+    proc = run(
+        "train",
+        tmp_path / "w",
+        "--config.training.n_iters=6",
+        "--config.model.dtype=bfloat16",
+        "--config.model.remat=True",
+        "--config.training.grad_accum_steps=2",
+        "--config.training.batch_size=32",
+        data_dir=scale_data_dir,
+        devices=2,
+    )
     assert "global batch 32 = 1 host(s) x 2 device(s) x 16 example(s) in 2 micro-batches" in proc.stdout
     records = [json.loads(l) for l in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records]
@@ -151,8 +164,11 @@ def test_memory_switches_train_through_the_command_line(scale_data_dir, tmp_path
     import jax
 
     # Parameters, EMA and Adam moments stay float32 under bfloat16 compute.
-    floats = [a for a in jax.tree_util.tree_leaves((state["params"], state["ema_params"], state["opt_state"]))
-              if np.issubdtype(a.dtype, np.floating)]
+    floats = [
+        a
+        for a in jax.tree_util.tree_leaves((state["params"], state["ema_params"], state["opt_state"]))
+        if np.issubdtype(a.dtype, np.floating)
+    ]
     assert {a.dtype for a in floats} == {np.dtype("float32")}
 
 
@@ -174,8 +190,9 @@ def test_grad_accumulation_cuts_activation_memory_on_cpu():
     c.training.batch_size = 16
     exp = experiment.build_experiment(c)
     opt = diffusion_builders.build_optimizer(c)
-    loss = diffusion_builders.build_loss(c, model_fn=exp.model_fn(train=True), sde=exp.sde,
-                                         parametrization=exp.parametrization)
+    loss = diffusion_builders.build_loss(
+        c, model_fn=exp.model_fn(train=True), sde=exp.sde, parametrization=exp.parametrization
+    )
     state = replicate(init_train_state(exp.init_params(jax.random.PRNGKey(0)), opt, jax.random.PRNGKey(1)), exp.mesh)
     batch = shard_batch({"image": np.zeros((1, 16, 32, 32, 3), np.float32)}, exp.mesh, leading_steps=True)
     temp = {}

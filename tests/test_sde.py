@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import sde as sde_lib
 from diffusion_jax.sde import (
     EDMSDE,
     SDES,
@@ -127,7 +126,9 @@ def _score_sde_subvp(t, b0=0.1, b1=20.0):
 
 
 @pytest.mark.parametrize(
-    "sde,ref", [(VESDE(), _score_sde_ve), (VPSDE(), _score_sde_vp), (SubVPSDE(), _score_sde_subvp)], ids=["VE", "VP", "subVP"]
+    "sde,ref",
+    [(VESDE(), _score_sde_ve), (VPSDE(), _score_sde_vp), (SubVPSDE(), _score_sde_subvp)],
+    ids=["VE", "VP", "subVP"],
 )
 def test_score_sde_closed_forms(sde, ref, x64):
     t = np.linspace(1e-5, 1.0, 257)
@@ -254,7 +255,7 @@ def test_sdes_are_pytrees():
 
 
 def test_general_sde_and_marginal_errors():
-    sde = GeneralSDE(drift_fn=lambda x, t: -x**3, diffusion_fn=lambda t: jnp.sqrt(2.0) * jnp.ones_like(t))
+    sde = GeneralSDE(drift_fn=lambda x, t: -(x**3), diffusion_fn=lambda t: jnp.sqrt(2.0) * jnp.ones_like(t))
     x = jnp.ones((2, 3))
     t = jnp.array([0.1, 0.2])
     np.testing.assert_allclose(sde.drift(x, t), -x)

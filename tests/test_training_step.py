@@ -80,7 +80,7 @@ def test_jitted_steps_and_grad_accumulation_equal_plain_steps():
     plain = jax.jit(make_train_step(_noisy_loss, opt, ema_rate=0.99))
     state = _state(opt)
     for i in range(3):
-        state, _ = plain(state, {k: v[i: i + 1] for k, v in batches.items()})
+        state, _ = plain(state, {k: v[i : i + 1] for k, v in batches.items()})
     three, metrics = plain(_state(opt), batches)
     np.testing.assert_allclose(three.params["w"], state.params["w"], rtol=1e-6)
     np.testing.assert_array_equal(three.rng, state.rng)
@@ -146,9 +146,21 @@ def _fit(tmp_path, n_iters, *, stop_after=None, signal_at=None, nan_policy="skip
 
         it = Wrapped()
     try:
-        return loop_lib.fit(state=state, step_fn=step, data_iter=it, mesh=mesh, n_iters=n_iters,
-                            n_jitted_steps=n_jitted, checkpointer=ck, checkpoint_every=4, writer=writer,
-                            log_freq=2, stop_after=stop_after, nan_policy=nan_policy, progress=False)
+        return loop_lib.fit(
+            state=state,
+            step_fn=step,
+            data_iter=it,
+            mesh=mesh,
+            n_iters=n_iters,
+            n_jitted_steps=n_jitted,
+            checkpointer=ck,
+            checkpoint_every=4,
+            writer=writer,
+            log_freq=2,
+            stop_after=stop_after,
+            nan_policy=nan_policy,
+            progress=False,
+        )
     finally:
         ck.close()
 

@@ -9,7 +9,8 @@ starts: an unknown key, an unknown name or an impossible value stops the run wit
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import ml_collections
 from ml_collections.config_dict import placeholder
@@ -209,8 +210,9 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_diff(a: ml_collections.ConfigDict | dict, b: ml_collections.ConfigDict | dict,
-                keys: Iterable[str] | None = None) -> list[str]:
+def config_diff(
+    a: ml_collections.ConfigDict | dict, b: ml_collections.ConfigDict | dict, keys: Iterable[str] | None = None
+) -> list[str]:
     """Dotted keys whose values differ between two configs (restricted to prefixes ``keys``)."""
     fa = _flatten(a if isinstance(a, dict) else a.to_dict())
     fb = _flatten(b if isinstance(b, dict) else b.to_dict())

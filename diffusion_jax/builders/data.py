@@ -66,8 +66,7 @@ def _data_dict(config) -> dict[str, Any]:
     unknown = sorted(set(values) - set(DATA_DEFAULTS) - {"dataset"})
     if unknown:
         raise ValueError(
-            f"unknown key(s) config.data.{', config.data.'.join(unknown)}; valid: dataset, "
-            f"{', '.join(DATA_DEFAULTS)}"
+            f"unknown key(s) config.data.{', config.data.'.join(unknown)}; valid: dataset, {', '.join(DATA_DEFAULTS)}"
         )
     if "dataset" not in values:
         raise ValueError(f"config.data.dataset is required; valid: {', '.join(data_lib.DATASETS)}")
@@ -176,9 +175,7 @@ def build_data(
     batch_key = "eval" if evaluation else "training"
     if batch_key not in config or "batch_size" not in config[batch_key]:
         raise ValueError(f"config.{batch_key}.batch_size (the global batch size) is required")
-    batch_size = _check_int(
-        config[batch_key].batch_size, f"config.{batch_key}.batch_size", minimum=1, optional=False
-    )
+    batch_size = _check_int(config[batch_key].batch_size, f"config.{batch_key}.batch_size", minimum=1, optional=False)
     seed = _seed(config, d) if seed is None else _check_int(seed, "seed", minimum=0, optional=False)
     options: dict[str, Any] = {}
     if not toy:
@@ -186,9 +183,7 @@ def build_data(
             options[key] = _check_bool(d, key)
         if uniform_dequantization is not None:
             options["uniform_dequantization"] = uniform_dequantization
-        options["num_levels"] = _check_int(
-            d["num_levels"], "config.data.num_levels", minimum=2, optional=True
-        )
+        options["num_levels"] = _check_int(d["num_levels"], "config.data.num_levels", minimum=2, optional=True)
     num_threads = _check_int(d["num_threads"], "config.data.num_threads", minimum=0, optional=True)
     num_workers = _check_int(d["num_workers"], "config.data.num_workers", minimum=0, optional=False)
     common = dict(

@@ -6,7 +6,8 @@ under score_sde's names, ``output`` / ``noise_cond``) and ``config.optim``.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +58,7 @@ def build_parametrization(config) -> param_lib.Parametrization:
         except ValueError:
             raise ConfigError(
                 f"training.sde = {t.sde!r} has no score_sde convention: set model.output (one of "
-                f"{', '.join(param_lib.OUTPUTS)}) and model.noise_cond (one of {', '.join(param_lib.NOISE_CONDITIONINGS)})"
+                f"{', '.join(param_lib.OUTPUTS)}) and model.noise_cond (one of {', '.join(param_lib.NOISE_CONDITIONINGS)})"  # noqa: E501
             ) from None
     if not (m.output and m.noise_cond):
         raise ConfigError("set both model.output and model.noise_cond, or neither (score_sde's convention)")
@@ -117,11 +118,19 @@ def build_loss(config, *, model_fn: Callable, sde: sde_lib.SDE, parametrization:
     elif name in ("uniform", "stratified", "importance"):
         sampler = losses_lib.get_time_sampler(name, t_min=t.eps)
     else:
-        raise ConfigError(f"training.time_sampler = {name!r} is not allowed; valid: {', '.join(losses_lib.TIME_SAMPLERS)}")
+        raise ConfigError(
+            f"training.time_sampler = {name!r} is not allowed; valid: {', '.join(losses_lib.TIME_SAMPLERS)}"
+        )
     try:
         return losses_lib.dsm_loss_fn(
-            model_fn, sde, parametrization, weighting=weighting, time_sampler=sampler,
-            reduce_mean=t.reduce_mean, sigma_data=config.model.sigma_data, min_snr_gamma=t.min_snr_gamma,
+            model_fn,
+            sde,
+            parametrization,
+            weighting=weighting,
+            time_sampler=sampler,
+            reduce_mean=t.reduce_mean,
+            sigma_data=config.model.sigma_data,
+            min_snr_gamma=t.min_snr_gamma,
         )
     except ValueError as e:
         raise ConfigError(f"config.training: {e}") from None
@@ -129,8 +138,16 @@ def build_loss(config, *, model_fn: Callable, sde: sde_lib.SDE, parametrization:
 
 def build_optimizer(config):
     o = config.optim
-    return make_optimizer(optimizer=o.optimizer, lr=o.lr, beta1=o.beta1, beta2=o.beta2, eps=o.eps,
-                          weight_decay=o.weight_decay, warmup=o.warmup, grad_clip=o.grad_clip)
+    return make_optimizer(
+        optimizer=o.optimizer,
+        lr=o.lr,
+        beta1=o.beta1,
+        beta2=o.beta2,
+        eps=o.eps,
+        weight_decay=o.weight_decay,
+        warmup=o.warmup,
+        grad_clip=o.grad_clip,
+    )
 
 
 def learning_rate_fn(config) -> Callable:

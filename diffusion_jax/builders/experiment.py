@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from diffusion_jax import parametrization as param_lib
 from diffusion_jax.builders import config as config_lib
@@ -31,12 +32,27 @@ from diffusion_jax.builders.config import ConfigError
 from diffusion_jax.training import checkpoint as ckpt_lib
 from diffusion_jax.training import loop as loop_lib
 from diffusion_jax.training.logging import MetricWriter, save_image_grid
-from diffusion_jax.training.state import TrainState, init_train_state
-from diffusion_jax.training.step import (make_eval_step, make_mesh, make_train_step, per_device_batch, replicate,
-                                         shard_batch)
+from diffusion_jax.training.state import init_train_state
+from diffusion_jax.training.step import (
+    make_eval_step,
+    make_mesh,
+    make_train_step,
+    per_device_batch,
+    replicate,
+    shard_batch,
+)
 
-__all__ = ["Experiment", "build_experiment", "load_params", "train", "evaluate", "sample", "convert", "registries",
-           "check_workdir_config"]
+__all__ = [
+    "Experiment",
+    "build_experiment",
+    "load_params",
+    "train",
+    "evaluate",
+    "sample",
+    "convert",
+    "registries",
+    "check_workdir_config",
+]
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +113,9 @@ class Experiment:
 
     def model_fn(self, *, train: bool):
         return diffusion_builders.make_model_fn(
-            self.module, train=train, class_dropout=self.config.training.class_dropout if train else 0.0,
+            self.module,
+            train=train,
+            class_dropout=self.config.training.class_dropout if train else 0.0,
             null_label=self.null_label,
         )
 
@@ -115,7 +133,9 @@ class Experiment:
         x = jnp.zeros((1,) + self.input_shape, jnp.float32)
         labels = jnp.zeros((1,), jnp.float32)
         kwargs = {"class_labels": jnp.zeros((1,), jnp.int32)} if self.null_label is not None else {}
-        init = jax.jit(lambda k: self.module.init({"params": k, "dropout": k}, x, labels, train=False, **kwargs)["params"])
+        init = jax.jit(
+            lambda k: self.module.init({"params": k, "dropout": k}, x, labels, train=False, **kwargs)["params"]
+        )
         return init(key)
 
     def to_data_range(self, x):
@@ -218,8 +238,13 @@ def _build_data(config, **kwargs):
 def _check_batch(config, key: str, global_batch: int, *, grad_accum_steps: int = 1) -> int:
     """Per-device batch of ``config.<key>`` on the mesh; a ConfigError if it does not divide."""
     try:
-        return per_device_batch(global_batch, num_devices=jax.device_count(), num_processes=jax.process_count(),
-                                grad_accum_steps=grad_accum_steps, name=key)
+        return per_device_batch(
+            global_batch,
+            num_devices=jax.device_count(),
+            num_processes=jax.process_count(),
+            grad_accum_steps=grad_accum_steps,
+            name=key,
+        )
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -246,11 +271,13 @@ def _sample_images(exp: Experiment, params, key, n: int, sampler, *, labels=None
     chunk = min(n, exp.config.sampling.batch_size)
     out, info = [], None
     for i, start in enumerate(range(0, n, chunk)):
-        lab = None if labels is None else labels[start: start + chunk]
+        lab = None if labels is None else labels[start : start + chunk]
         if lab is not None and lab.shape[0] < chunk:  # keep one shape: pad the last chunk
             lab = jnp.concatenate([lab, jnp.zeros((chunk - lab.shape[0],), lab.dtype)])
         score_fn = exp.score_fn(params, class_labels=lab, guidance_scale=guidance)
-        x, info = samplers_lib.sample(jax.random.fold_in(key, i), score_fn, exp.sde, (chunk,) + exp.input_shape, sampler)
+        x, info = samplers_lib.sample(
+            jax.random.fold_in(key, i), score_fn, exp.sde, (chunk,) + exp.input_shape, sampler
+        )
         out.append(np.asarray(jax.device_get(x)))
     return np.concatenate(out)[:n], info
 
@@ -285,20 +312,26 @@ def train(config, workdir, *, stop_after: int | None = None) -> loop_lib.RunSumm
         # Written once the data and the network are known to build, so a failed start does
         # not tie the workdir to a config that never ran.
         _write_atomically(workdir / "config.json", config.to_json_best_effort(indent=2))
-        print(f"global batch {t.batch_size} = {jax.process_count()} host(s) x {jax.local_device_count()} "
-              f"device(s) x {per_device} example(s)"
-              + (f" in {t.grad_accum_steps} micro-batches" if t.grad_accum_steps > 1 else ""), flush=True)
+        print(
+            f"global batch {t.batch_size} = {jax.process_count()} host(s) x {jax.local_device_count()} "
+            f"device(s) x {per_device} example(s)"
+            + (f" in {t.grad_accum_steps} micro-batches" if t.grad_accum_steps > 1 else ""),
+            flush=True,
+        )
 
     optimizer = diffusion_builders.build_optimizer(config)
-    loss_fn = diffusion_builders.build_loss(config, model_fn=exp.model_fn(train=True), sde=exp.sde,
-                                            parametrization=exp.parametrization)
+    loss_fn = diffusion_builders.build_loss(
+        config, model_fn=exp.model_fn(train=True), sde=exp.sde, parametrization=exp.parametrization
+    )
     key = jax.random.PRNGKey(config.seed)
     k_init, k_state, k_eval, k_sample = jax.random.split(key, 4)
     params = exp.init_params(k_init)
     state = replicate(init_train_state(params, optimizer, k_state), exp.mesh)
 
     checkpointer = ckpt_lib.Checkpointer(
-        workdir / "checkpoints", keep_period=t.snapshot_freq, max_to_keep=t.max_to_keep,
+        workdir / "checkpoints",
+        keep_period=t.snapshot_freq,
+        max_to_keep=t.max_to_keep,
         async_save=t.async_checkpointing,
     )
     writer = MetricWriter(workdir)
@@ -317,10 +350,16 @@ def train(config, workdir, *, stop_after: int | None = None) -> loop_lib.RunSumm
         replicated = NamedSharding(exp.mesh, P())
         state_sharding = jax.tree_util.tree_map(lambda _: replicated, state)
         step_fn = jax.jit(
-            make_train_step(loss_fn, optimizer, ema_rate=config.model.ema_rate, ema_warmup=config.model.ema_warmup,
-                            grad_accum_steps=t.grad_accum_steps,
-                            learning_rate_fn=diffusion_builders.learning_rate_fn(config)),
-            out_shardings=(state_sharding, replicated), donate_argnums=0,
+            make_train_step(
+                loss_fn,
+                optimizer,
+                ema_rate=config.model.ema_rate,
+                ema_warmup=config.model.ema_warmup,
+                grad_accum_steps=t.grad_accum_steps,
+                learning_rate_fn=diffusion_builders.learning_rate_fn(config),
+            ),
+            out_shardings=(state_sharding, replicated),
+            donate_argnums=0,
         )
         eval_fn = _make_periodic_eval(config, exp, k_eval) if t.eval_freq else None
         sampler = _sampler(config, sde=exp.sde)
@@ -329,19 +368,37 @@ def train(config, workdir, *, stop_after: int | None = None) -> loop_lib.RunSumm
         def snapshot_fn(state, step):
             if not t.snapshot_sampling:
                 return
-            x, _ = _sample_images(exp, state.ema_params, jax.random.fold_in(k_sample, step), n_snap, sampler,
-                                  labels=_class_labels(exp, n_snap))
+            x, _ = _sample_images(
+                exp,
+                state.ema_params,
+                jax.random.fold_in(k_sample, step),
+                n_snap,
+                sampler,
+                labels=_class_labels(exp, n_snap),
+            )
             if primary:
                 _save_samples(exp, x, workdir / "samples" / f"step_{step:08d}.png")
 
         meta = {"config_sde": config.training.sde, "model": config.model.name}
         state, summary = loop_lib.fit(
-            state=state, step_fn=step_fn, data_iter=train_iter, mesh=exp.mesh, n_iters=t.n_iters,
-            n_jitted_steps=t.n_jitted_steps, checkpointer=checkpointer,
+            state=state,
+            step_fn=step_fn,
+            data_iter=train_iter,
+            mesh=exp.mesh,
+            n_iters=t.n_iters,
+            n_jitted_steps=t.n_jitted_steps,
+            checkpointer=checkpointer,
             checkpoint_every=math.gcd(t.snapshot_freq_for_preemption, t.snapshot_freq),
-            writer=writer, log_freq=t.log_freq, eval_freq=t.eval_freq, eval_fn=eval_fn,
-            snapshot_freq=t.snapshot_freq, snapshot_fn=snapshot_fn, nan_policy=t.nan_policy,
-            max_consecutive_nan=t.max_consecutive_nan, meta=meta, stop_after=stop_after,
+            writer=writer,
+            log_freq=t.log_freq,
+            eval_freq=t.eval_freq,
+            eval_fn=eval_fn,
+            snapshot_freq=t.snapshot_freq,
+            snapshot_fn=snapshot_fn,
+            nan_policy=t.nan_policy,
+            max_consecutive_nan=t.max_consecutive_nan,
+            meta=meta,
+            stop_after=stop_after,
         )
         if summary.final_step == t.n_iters and t.snapshot_sampling and t.n_iters % t.snapshot_freq:
             snapshot_fn(state, summary.final_step)  # always leave a grid of the final model
@@ -350,7 +407,7 @@ def train(config, workdir, *, stop_after: int | None = None) -> loop_lib.RunSumm
             _write_atomically(workdir / "summary.json", json.dumps(record, indent=2))
             print(
                 f"trained steps {summary.start_step}->{summary.final_step} in {summary.seconds:.1f} s "
-                f"({summary.steps_per_second:.2f} steps/s); final loss {summary.last_metrics.get('loss', float('nan')):.4f}; "
+                f"({summary.steps_per_second:.2f} steps/s); final loss {summary.last_metrics.get('loss', float('nan')):.4f}; "  # noqa: E501
                 f"non-finite steps skipped: {summary.nonfinite_steps}; workdir {workdir}",
                 flush=True,
             )
@@ -365,8 +422,9 @@ def train(config, workdir, *, stop_after: int | None = None) -> loop_lib.RunSumm
 
 def _make_periodic_eval(config, exp: Experiment, key):
     """Loss of the EMA parameters on the next eval batch (score_sde's eval during training)."""
-    loss_fn = diffusion_builders.build_loss(config, model_fn=exp.model_fn(train=False), sde=exp.sde,
-                                            parametrization=exp.parametrization)
+    loss_fn = diffusion_builders.build_loss(
+        config, model_fn=exp.model_fn(train=False), sde=exp.sde, parametrization=exp.parametrization
+    )
     eval_step = jax.jit(make_eval_step(loss_fn))
     holder = {"it": None}
 
@@ -439,7 +497,9 @@ def evaluate(config, workdir) -> dict:
     end = steps[-1] if e.end_ckpt < 0 else e.end_ckpt
     chosen = [s for s in steps if e.begin_ckpt <= s <= end]
     if not chosen:
-        raise ConfigError(f"no checkpoint step in [eval.begin_ckpt={e.begin_ckpt}, eval.end_ckpt={e.end_ckpt}]; saved: {steps}")
+        raise ConfigError(
+            f"no checkpoint step in [eval.begin_ckpt={e.begin_ckpt}, eval.end_ckpt={e.end_ckpt}]; saved: {steps}"
+        )
     _check_batch(config, "eval.batch_size", e.batch_size)
     info_iter = _build_data(config, split="eval")
     exp = build_experiment(config, data_info=info_iter.info)
@@ -457,8 +517,9 @@ def evaluate(config, workdir) -> dict:
             res.update(_eval_loss(config, exp, params, step))
         if e.enable_sampling:
             sampler = _sampler(config, sde=exp.sde)
-            x, sinfo = _sample_images(exp, params, jax.random.PRNGKey(step), e.num_samples, sampler,
-                                      labels=_class_labels(exp, e.num_samples))
+            x, sinfo = _sample_images(
+                exp, params, jax.random.PRNGKey(step), e.num_samples, sampler, labels=_class_labels(exp, e.num_samples)
+            )
             res["sampling_nfe"] = int(np.asarray(sinfo.nfe))
             if primary:
                 np.savez(out_dir / f"samples_{step:08d}.npz", samples=exp.to_data_range(x))
@@ -474,8 +535,9 @@ def evaluate(config, workdir) -> dict:
 
 def _eval_loss(config, exp: Experiment, params, step: int) -> dict:
     """Mean loss over every example of the eval split (padded batches are masked)."""
-    loss_fn = diffusion_builders.build_loss(config, model_fn=exp.model_fn(train=False), sde=exp.sde,
-                                            parametrization=exp.parametrization)
+    loss_fn = diffusion_builders.build_loss(
+        config, model_fn=exp.model_fn(train=False), sde=exp.sde, parametrization=exp.parametrization
+    )
     eval_step = jax.jit(make_eval_step(loss_fn))
     total = count = 0.0
     key = jax.random.PRNGKey(step)
@@ -492,7 +554,9 @@ def _eval_bpd(config, exp: Experiment, params, step: int) -> dict:
     return evaluate_bpd(config, exp, params, step=step)
 
 
-def sample(config, workdir, *, num_samples: int | None = None, out: str | None = None, step: int | None = None) -> pathlib.Path:
+def sample(
+    config, workdir, *, num_samples: int | None = None, out: str | None = None, step: int | None = None
+) -> pathlib.Path:
     """Write ``num_samples`` samples of a checkpoint (newest by default) with ``config.sampling``:
     ``<out>.npz`` (values in the data's range) and ``<out>.png`` (a grid); process 0 writes."""
     _maybe_initialize_distributed(config)
@@ -514,8 +578,9 @@ def sample(config, workdir, *, num_samples: int | None = None, out: str | None =
     n = num_samples or config.eval.num_samples
     sampler = _sampler(config, sde=exp.sde)
     t0 = time.perf_counter()
-    x, sinfo = _sample_images(exp, state.ema_params, jax.random.PRNGKey(config.seed + got), n, sampler,
-                              labels=_class_labels(exp, n))
+    x, sinfo = _sample_images(
+        exp, state.ema_params, jax.random.PRNGKey(config.seed + got), n, sampler, labels=_class_labels(exp, n)
+    )
     seconds = time.perf_counter() - t0
     out_path = pathlib.Path(out) if out else workdir / "samples" / f"samples_{got:08d}_{config.sampling.method}"
     if jax.process_index() != 0:
@@ -523,8 +588,11 @@ def sample(config, workdir, *, num_samples: int | None = None, out: str | None =
     out_path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out_path.with_suffix(".npz"), samples=exp.to_data_range(x))
     _save_samples(exp, x, out_path.with_suffix(".png"))
-    print(f"wrote {n} samples of checkpoint {got} ({config.sampling.method}, nfe={int(np.asarray(sinfo.nfe))}, "
-          f"{seconds:.1f} s) to {out_path.with_suffix('.npz')} and .png", flush=True)
+    print(
+        f"wrote {n} samples of checkpoint {got} ({config.sampling.method}, nfe={int(np.asarray(sinfo.nfe))}, "
+        f"{seconds:.1f} s) to {out_path.with_suffix('.npz')} and .png",
+        flush=True,
+    )
     return out_path.with_suffix(".npz")
 
 
@@ -568,9 +636,15 @@ def convert(config, workdir, *, checkpoint, source: str = "score_sde_pytorch") -
         else:
             params = convert_lib.load_score_sde_flax_params(exp.module, loaded, input_shape=shape, ema=False)
             has_ema = isinstance(loaded, dict) and "params_ema" in loaded
-            ema = convert_lib.load_score_sde_flax_params(exp.module, loaded, input_shape=shape, ema=True) if has_ema else params
+            ema = (
+                convert_lib.load_score_sde_flax_params(exp.module, loaded, input_shape=shape, ema=True)
+                if has_ema
+                else params
+            )
     except convert_lib.ConversionError as e:
-        raise ConfigError(f"cannot convert {checkpoint if isinstance(checkpoint, str) else 'the checkpoint'}: {e}") from None
+        raise ConfigError(
+            f"cannot convert {checkpoint if isinstance(checkpoint, str) else 'the checkpoint'}: {e}"
+        ) from None
     step = int(np.asarray(loaded.get("step", 0))) if isinstance(loaded, dict) else 0
     optimizer = diffusion_builders.build_optimizer(config)
     state = init_train_state(params, optimizer, jax.random.PRNGKey(config.seed))
@@ -579,12 +653,22 @@ def convert(config, workdir, *, checkpoint, source: str = "score_sde_pytorch") -
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", async_save=False)
     try:
-        checkpointer.save(step, state, meta={"converted_from": str(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "dict",
-                                              "source": source, "ema": has_ema})
+        checkpointer.save(
+            step,
+            state,
+            meta={
+                "converted_from": str(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "dict",
+                "source": source,
+                "ema": has_ema,
+            },
+        )
         checkpointer.wait()
     finally:
         checkpointer.close()
     n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
-    print(f"converted {n:,} parameters ({'with' if has_ema else 'without'} EMA weights) at step {step} "
-          f"into {workdir / 'checkpoints' / str(step)}", flush=True)
+    print(
+        f"converted {n:,} parameters ({'with' if has_ema else 'without'} EMA weights) at step {step} "
+        f"into {workdir / 'checkpoints' / str(step)}",
+        flush=True,
+    )
     return step

@@ -28,7 +28,8 @@ def evaluate_bpd(config, exp, params, *, step: int = 0) -> dict:
         raise ConfigError(f"eval.bpd_dataset = {e.bpd_dataset!r} is not allowed; valid: test, train")
     if e.bpd_estimator not in likelihood_lib.ESTIMATORS:
         raise ConfigError(
-            f"eval.bpd_estimator = {e.bpd_estimator!r} is not allowed; valid: {', '.join(likelihood_lib.ESTIMATORS)}")
+            f"eval.bpd_estimator = {e.bpd_estimator!r} is not allowed; valid: {', '.join(likelihood_lib.ESTIMATORS)}"
+        )
     split = "eval" if e.bpd_dataset == "test" else "train"
     t0 = time.perf_counter()
     with build_data(config, split=split, evaluation=True, uniform_dequantization=False) as it:
@@ -37,10 +38,17 @@ def evaluate_bpd(config, exp, params, *, step: int = 0) -> dict:
         result = likelihood_lib.evaluate_dataset(
             jax.random.PRNGKey(config.seed + step),
             lambda labels: exp.score_fn(params, class_labels=labels if conditional else None),
-            exp.sde, it, num_levels=info.num_levels, value_range=tuple(info.value_range),
-            num_draws=e.bpd_dequantization_draws, max_examples=e.bpd_max_examples,
+            exp.sde,
+            it,
+            num_levels=info.num_levels,
+            value_range=tuple(info.value_range),
+            num_draws=e.bpd_dequantization_draws,
+            max_examples=e.bpd_max_examples,
             place=lambda b: shard_batch(b, exp.mesh),
-            estimator=e.bpd_estimator, num_probes=e.bpd_num_probes, rtol=e.bpd_rtol, atol=e.bpd_atol,
+            estimator=e.bpd_estimator,
+            num_probes=e.bpd_num_probes,
+            rtol=e.bpd_rtol,
+            atol=e.bpd_atol,
         )
     out = {f"bpd_{k}" if not k.startswith(("bpd", "nll")) else k: v for k, v in result.items()}
     out.update(bpd_split=e.bpd_dataset, bpd_num_levels=info.num_levels, bpd_seconds=time.perf_counter() - t0)

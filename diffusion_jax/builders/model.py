@@ -10,7 +10,8 @@ one raises ``ValueError`` naming the key and what is allowed.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -76,9 +77,22 @@ class _Section:
             self.fail(key, f"None or an integer >= {minimum}", v)
         return int(v)
 
-    def float(self, key: str, needed_by: str, *, check: Callable[[float], bool] = lambda v: True, expected: str = "a number", default: Any = ...) -> float:
+    def float(
+        self,
+        key: str,
+        needed_by: str,
+        *,
+        check: Callable[[float], bool] = lambda v: True,
+        expected: str = "a number",
+        default: Any = ...,
+    ) -> float:
         v = self._raw(key, needed_by, default)
-        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v) or not check(float(v)):
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, (int, float, np.integer, np.floating))
+            or not math.isfinite(v)
+            or not check(float(v))
+        ):
             self.fail(key, expected, v)
         return float(v)
 
@@ -88,13 +102,17 @@ class _Section:
             self.fail(key, "True or False", v)
         return v
 
-    def choice(self, key: str, needed_by: str, allowed: Sequence[str], *, lower: bool = True, default: Any = ...) -> str:
+    def choice(
+        self, key: str, needed_by: str, allowed: Sequence[str], *, lower: bool = True, default: Any = ...
+    ) -> str:
         v = self._raw(key, needed_by, default)
         if not isinstance(v, str) or (v.lower() if lower else v) not in allowed:
             self.fail(key, f"one of {tuple(allowed)}", v)
         return v.lower() if lower else v
 
-    def int_tuple(self, key: str, needed_by: str, *, minimum: int = 1, allow_empty: bool = True, default: Any = ...) -> tuple[int, ...]:
+    def int_tuple(
+        self, key: str, needed_by: str, *, minimum: int = 1, allow_empty: bool = True, default: Any = ...
+    ) -> tuple[int, ...]:
         v = self._raw(key, needed_by, default)
         if not isinstance(v, (list, tuple)):
             self.fail(key, "a list or tuple of integers", v)
@@ -209,7 +227,9 @@ def _build_ddpm(config: Any, cls: type[nn.Module]) -> nn.Module:
     common, reachable = _unet_common(model, name, image_size)
     for mult in (1,) + common["ch_mult"]:
         if (common["nf"] * mult) % 32:
-            model.fail("nf", "a width whose multiples by ch_mult are divisible by 32 (DDPM uses GroupNorm(32))", common["nf"])
+            model.fail(
+                "nf", "a width whose multiples by ch_mult are divisible by 32 (DDPM uses GroupNorm(32))", common["nf"]
+            )
     return cls(**common, centered=centered, **_new_keys(model, name, reachable))
 
 
@@ -217,20 +237,28 @@ def _build_ncsnv2(config: Any, cls: type[nn.Module]) -> nn.Module:
     name = "ncsnv2"
     image_size, _, centered = _data(config, name)
     model = _Section(config, "model")
-    downsamplings = sum(1 for _, blocks in cls.STAGES for _, resample, dilation in blocks if resample == "down" and dilation == 1)
+    downsamplings = sum(
+        1 for _, blocks in cls.STAGES for _, resample, dilation in blocks if resample == "down" and dilation == 1
+    )
     if image_size % (2**downsamplings):
-        raise ValueError(f"config.data.image_size={image_size} must be divisible by {2**downsamplings} for {cls.__name__}")
+        raise ValueError(
+            f"config.data.image_size={image_size} must be divisible by {2**downsamplings} for {cls.__name__}"
+        )
     model.choice("normalization", name, ("instancenorm++",))
     for key in ("num_classes",):
         if model._raw(key, name, 0):
             model.fail(key, "0 (NCSNv2 has no class conditioning)", model._raw(key, name))
     if model._raw("cross_attn_resolutions", name, ()):
-        model.fail("cross_attn_resolutions", "() (NCSNv2 has no cross-attention)", model._raw("cross_attn_resolutions", name))
+        model.fail(
+            "cross_attn_resolutions", "() (NCSNv2 has no cross-attention)", model._raw("cross_attn_resolutions", name)
+        )
     fields = dict(
         nf=model.int("nf", name, minimum=1),
         centered=centered,
         nonlinearity=model.choice("nonlinearity", name, tuple(ACTIVATIONS)),
-        interpolation=model.choice("interpolation", name, ("bilinear", "bilinear_half_pixel", "nearest_neighbor"), default="bilinear"),
+        interpolation=model.choice(
+            "interpolation", name, ("bilinear", "bilinear_half_pixel", "nearest_neighbor"), default="bilinear"
+        ),
         scale_by_sigma=model.bool("scale_by_sigma", name, default=True),
         sigma_min=model.float("sigma_min", name, check=_positive, expected="a number > 0"),
         sigma_max=model.float("sigma_max", name, check=_positive, expected="a number > 0"),

@@ -44,7 +44,9 @@ def build_sampler(config, *, sde):
     if s.grid:
         if s.grid not in samplers_lib.GRIDS:
             raise ConfigError(f"sampling.grid = {s.grid!r} is not allowed; valid: {', '.join(samplers_lib.GRIDS)}")
-        candidates["grid"] = samplers_lib.get_grid("karras", rho=s.rho) if s.grid == "karras" else samplers_lib.get_grid(s.grid)
+        candidates["grid"] = (
+            samplers_lib.get_grid("karras", rho=s.rho) if s.grid == "karras" else samplers_lib.get_grid(s.grid)
+        )
     if s.thresholding == "static":
         candidates["thresholding"] = samplers_lib.StaticClip()
     elif s.thresholding == "dynamic":

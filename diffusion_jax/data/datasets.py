@@ -124,8 +124,7 @@ def _check_image_size(image_size: int | None, default: int | None, name: str) ->
 def _check_channels(num_channels: int | None, channels: int, name: str) -> None:
     if num_channels is not None and num_channels != channels:
         raise ValueError(
-            f"{name} has {channels} channel(s) but num_channels={num_channels}; set num_channels "
-            f"to {channels}"
+            f"{name} has {channels} channel(s) but num_channels={num_channels}; set num_channels to {channels}"
         )
 
 
@@ -163,15 +162,12 @@ def _open_tfds(tfds_name: str, splits: dict[str, str], data_dir: str) -> dict[st
     set is not prepared as ArrayRecord in ``data_dir``."""
     try:
         return tfds.data_source(tfds_name, split=splits, data_dir=data_dir, download=False)
-    except Exception as error:
+    except Exception:
         formats = _prepared_formats(tfds_name, data_dir)
         if "array_record" in formats:
             raise  # prepared correctly: the problem is something else (e.g. a bad split name)
         if formats:
-            found = (
-                f"it is prepared there as {', '.join(sorted(formats))}, which needs "
-                f"TensorFlow to read"
-            )
+            found = f"it is prepared there as {', '.join(sorted(formats))}, which needs TensorFlow to read"
         else:
             found = f"no prepared copy is in data_dir={data_dir!r}"
         raise DatasetNotPreparedError(
@@ -219,10 +215,7 @@ class TfdsImages:
                 f"'{self.tfds_name}/<category>'); valid: {', '.join(_lsun_categories())}"
             )
         if category not in _lsun_categories():
-            raise ValueError(
-                f"{self.tfds_name}: unknown category {category!r}; valid: "
-                f"{', '.join(_lsun_categories())}"
-            )
+            raise ValueError(f"{self.tfds_name}: unknown category {category!r}; valid: {', '.join(_lsun_categories())}")
         return f"{self.tfds_name}/{category}"
 
     def load(self, *, split: str, options: LoadOptions) -> Source:
@@ -231,9 +224,7 @@ class TfdsImages:
         _check_channels(options.num_channels, self.channels, name)
         data_dir = options.resolved_data_dir
         chosen = _split_names(split, self.train_split, self.eval_split)
-        records = _open_tfds(
-            name, {"train": self.train_split, "eval": self.eval_split, "chosen": chosen}, data_dir
-        )
+        records = _open_tfds(name, {"train": self.train_split, "eval": self.eval_split, "chosen": chosen}, data_dir)
         levels = _num_levels(records["chosen"])
         info = DataInfo(
             name=name,
@@ -345,9 +336,7 @@ DATASETS: dict[str, Spec] = {
     "cifar10": TfdsImages("cifar10", "train", "test", 32, 3, "resize", num_classes=10),
     "svhn_cropped": TfdsImages("svhn_cropped", "train", "test", 32, 3, "resize", num_classes=10),
     "celeb_a": TfdsImages("celeb_a", "train", "validation", 64, 3, "celeba", num_classes=None),
-    "lsun": TfdsImages(
-        "lsun", "train", "validation", 256, 3, "lsun", num_classes=None, needs_category=True
-    ),
+    "lsun": TfdsImages("lsun", "train", "validation", 256, 3, "lsun", num_classes=None, needs_category=True),
     "mnist": TfdsImages("mnist", "train", "test", 28, 1, "resize", num_classes=10),
     "fashion_mnist": TfdsImages("fashion_mnist", "train", "test", 28, 1, "resize", num_classes=10),
     "folder": ImageFolder(),

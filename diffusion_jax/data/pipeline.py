@@ -30,7 +30,8 @@ import math
 import os
 import sys
 import threading
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import grain
 import numpy as np
@@ -104,9 +105,7 @@ class Preprocess:
         if self.stored_levels is None:
             image = image.astype(np.float32, copy=False)
         else:
-            image = transforms.requantize(
-                image, from_levels=self.stored_levels, to_levels=self.num_levels
-            )
+            image = transforms.requantize(image, from_levels=self.stored_levels, to_levels=self.num_levels)
             if self.random_flip:
                 image = transforms.random_flip_left_right(image, rng)
             if self.uniform_dequantization:
@@ -135,8 +134,15 @@ def _make_preprocess(
             raise ValueError(f"{key} must be True or False, got {value!r}")
     if info.num_levels is None:
         # Continuous toy data: none of the image value maps has a meaning.
-        used = [k for k, v in (("random_flip", random_flip), ("centered", centered),
-                               ("uniform_dequantization", uniform_dequantization)) if v]
+        used = [
+            k
+            for k, v in (
+                ("random_flip", random_flip),
+                ("centered", centered),
+                ("uniform_dequantization", uniform_dequantization),
+            )
+            if v
+        ]
         if num_levels is not None:
             used.append(f"num_levels={num_levels}")
         if used:
@@ -290,7 +296,7 @@ class DataIterator(Iterator[Batch]):
     def __next__(self) -> Batch:
         return next(self._iterator)
 
-    def __iter__(self) -> "DataIterator":
+    def __iter__(self) -> DataIterator:
         return self
 
     def close(self) -> None:
@@ -299,7 +305,7 @@ class DataIterator(Iterator[Batch]):
         if close is not None:
             close()
 
-    def __enter__(self) -> "DataIterator":
+    def __enter__(self) -> DataIterator:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -344,9 +350,7 @@ def _to_iterator(
         num_threads = 0 if getattr(source, "in_memory", False) else min(8, os.cpu_count() or 1)
     if prefetch is None:
         prefetch = max(2, 2 * num_threads)
-    for key, value in (
-        ("num_threads", num_threads), ("prefetch", prefetch), ("num_workers", num_workers)
-    ):
+    for key, value in (("num_threads", num_threads), ("prefetch", prefetch), ("num_workers", num_workers)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
             raise ValueError(f"{key} must be a non-negative integer, got {value!r}")
     read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
@@ -424,17 +428,12 @@ def train_iterator(
     length = sys.maxsize if num_batches is None else num_batches
     batches = _ShuffledBatch(own, batch_size=per_host, seed=_seed(seed, 0))
     dataset = grain.MapDataset.range(length).map(batches)
-    dataset = dataset.random_map(
-        _LoadBatch(source, preprocess, with_mask=False), seed=_seed(seed, 1, shard_index)
-    )
+    dataset = dataset.random_map(_LoadBatch(source, preprocess, with_mask=False), seed=_seed(seed, 1, shard_index))
     fingerprint = (
-        f"train {info.name} n={n} batch={batch_size} seed={seed} epochs={num_epochs} "
-        f"shard={shard_index}/{shard_count}"
+        f"train {info.name} n={n} batch={batch_size} seed={seed} epochs={num_epochs} shard={shard_index}/{shard_count}"
     )
     return DataIterator(
-        _to_iterator(
-            dataset, source, num_threads=num_threads, prefetch=prefetch, num_workers=num_workers
-        ),
+        _to_iterator(dataset, source, num_threads=num_threads, prefetch=prefetch, num_workers=num_workers),
         info=info,
         batch_size=per_host,
         global_batch_size=batch_size,
@@ -488,16 +487,10 @@ def eval_iterator(
     padded = np.full(num_batches * per_host, -1, np.int64)
     padded[: len(own)] = own
     dataset = grain.MapDataset.range(num_batches).map(_Slice(padded, batch_size=per_host))
-    dataset = dataset.random_map(
-        _LoadBatch(source, preprocess, with_mask=True), seed=_seed(seed, 2, shard_index)
-    )
-    fingerprint = (
-        f"eval {info.name} n={n} batch={batch_size} seed={seed} shard={shard_index}/{shard_count}"
-    )
+    dataset = dataset.random_map(_LoadBatch(source, preprocess, with_mask=True), seed=_seed(seed, 2, shard_index))
+    fingerprint = f"eval {info.name} n={n} batch={batch_size} seed={seed} shard={shard_index}/{shard_count}"
     return DataIterator(
-        _to_iterator(
-            dataset, source, num_threads=num_threads, prefetch=prefetch, num_workers=num_workers
-        ),
+        _to_iterator(dataset, source, num_threads=num_threads, prefetch=prefetch, num_workers=num_workers),
         info=info,
         batch_size=per_host,
         global_batch_size=batch_size,

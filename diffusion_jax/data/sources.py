@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import Any, Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import PIL.Image
@@ -61,9 +62,7 @@ class ArraySource:
         if labels is not None and len(labels) != len(images):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         if tuple(images.shape[1:]) != tuple(info.shape):
-            raise ValueError(
-                f"examples of shape {images.shape[1:]} do not match info.shape {info.shape}"
-            )
+            raise ValueError(f"examples of shape {images.shape[1:]} do not match info.shape {info.shape}")
         self.images = images
         self.labels = None if labels is None else np.asarray(labels, np.int32)
         self.info = info
@@ -203,9 +202,6 @@ class FolderSource:
 
     def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         size, _, channels = self.info.shape
-        images = [
-            transforms.crop_resize(read_image(self.paths[int(i)], channels=channels), size)
-            for i in indices
-        ]
+        images = [transforms.crop_resize(read_image(self.paths[int(i)], channels=channels), size) for i in indices]
         labels = None if self.labels is None else self.labels[np.asarray(indices, np.int64)]
         return _stack(images, labels, self.info.shape)

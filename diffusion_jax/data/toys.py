@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -103,9 +103,7 @@ class Toy:
 
 
 TOYS: dict[str, Toy] = {
-    "gaussian_mixture": Toy(
-        _gaussian_mixture, dim=2, num_classes=8, log_prob=_gaussian_mixture_log_prob
-    ),
+    "gaussian_mixture": Toy(_gaussian_mixture, dim=2, num_classes=8, log_prob=_gaussian_mixture_log_prob),
     "checkerboard": Toy(_checkerboard, dim=2, num_classes=None, log_prob=_checkerboard_log_prob),
     "swiss_roll": Toy(_swiss_roll, dim=2, num_classes=None),
     "two_moons": Toy(_two_moons, dim=2, num_classes=2),

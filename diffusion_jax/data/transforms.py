@@ -86,9 +86,7 @@ def resize_small(image: np.ndarray, size: int, *, method: str = "bilinear", max_
     ``resize_small``, used for CelebA and LSUN 128)."""
     height, width = image.shape[:2]
     ratio = size / min(height, width)
-    return resize(
-        image, (round(height * ratio), round(width * ratio)), method=method, max_level=max_level
-    )
+    return resize(image, (round(height * ratio), round(width * ratio)), method=method, max_level=max_level)
 
 
 def crop_resize(image: np.ndarray, size: int, *, method: str = "bicubic", max_level: int = 255):
@@ -114,9 +112,7 @@ def requantize(levels: np.ndarray, *, from_levels: int, to_levels: int) -> np.nd
     ``floor(k * to_levels / from_levels)``: equal-width bins, i.e. Glow's n-bit reduction
     ``k // 2^(8 - n)`` for 8-bit data and ``to_levels = 2^n``."""
     if not 2 <= to_levels <= from_levels:
-        raise ValueError(
-            f"num_levels must be between 2 and the data's own {from_levels} levels, got {to_levels}"
-        )
+        raise ValueError(f"num_levels must be between 2 and the data's own {from_levels} levels, got {to_levels}")
     if to_levels == from_levels:
         return levels
     k = levels.astype(np.int32)

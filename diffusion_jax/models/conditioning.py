@@ -96,5 +96,7 @@ def check_unet_inputs(module: nn.Module, x: Any, noise_labels: Any, context: Any
     labels = batch_labels(noise_labels, batch, owner)
     context = check_context(context, module.cross_attn_resolutions, batch, owner)
     if context is not None and module.context_dim is not None and context.shape[-1] != module.context_dim:
-        raise ValueError(f"{owner}: context has {context.shape[-1]} features, expected context_dim={module.context_dim}")
+        raise ValueError(
+            f"{owner}: context has {context.shape[-1]} features, expected context_dim={module.context_dim}"
+        )
     return labels, context

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -479,9 +480,15 @@ def load_score_sde_flax_params(
     out = {}
     for path, leaf in want.items():
         if path not in got:
-            raise ConversionError(f"{type(module).__name__} parameter {'/'.join(path)!r} is missing from the checkpoint")
+            raise ConversionError(
+                f"{type(module).__name__} parameter {'/'.join(path)!r} is missing from the checkpoint"
+            )
         value = got[path]
-        if value.shape != tuple(leaf.shape) and value.size == int(np.prod(leaf.shape)) and value.shape[:-1] == (1, 1, 1):
+        if (
+            value.shape != tuple(leaf.shape)
+            and value.size == int(np.prod(leaf.shape))
+            and value.shape[:-1] == (1, 1, 1)
+        ):
             value = value.reshape(leaf.shape)  # score_sde's InstanceNorm++ keeps (1, 1, 1, C)
         if value.shape != tuple(leaf.shape):
             raise ConversionError(

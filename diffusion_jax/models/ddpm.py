@@ -19,11 +19,11 @@ from diffusion_jax.models.layers import (
     NameCounter,
     ResnetBlockDDPM,
     Upsample,
-    group_norm,
     ddpm_conv,
     default_init,
     geometric_sigmas,
     get_activation,
+    group_norm,
     timestep_embedding,
 )
 from diffusion_jax.models.ncsnpp import _check, _validate_common
@@ -74,7 +74,11 @@ class DDPM(nn.Module, kw_only=True):
         _validate_common(self, owner)
         # GroupNorm(32) everywhere, as in DDPM.
         for mult in (1,) + tuple(self.ch_mult):
-            _check(owner, (self.nf * mult) % 32 == 0, f"nf * ch_mult must be divisible by 32 (GroupNorm(32)), got nf={self.nf}, ch_mult={self.ch_mult}")
+            _check(
+                owner,
+                (self.nf * mult) % 32 == 0,
+                f"nf * ch_mult must be divisible by 32 (GroupNorm(32)), got nf={self.nf}, ch_mult={self.ch_mult}",
+            )
         super().__post_init__()
 
     @property

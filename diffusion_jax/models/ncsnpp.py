@@ -28,11 +28,11 @@ from diffusion_jax.models.layers import (
     ResnetBlockBigGAN,
     ResnetBlockDDPM,
     Upsample,
-    group_norm,
     ddpm_conv,
     default_init,
     geometric_sigmas,
     get_activation,
+    group_norm,
     timestep_embedding,
 )
 
@@ -57,7 +57,9 @@ def _check(owner: str, ok: bool, message: str) -> None:
 
 def _validate_common(m: nn.Module, owner: str) -> None:
     _check(owner, m.nf > 0, f"nf must be > 0, got {m.nf}")
-    _check(owner, len(m.ch_mult) > 0 and all(c > 0 for c in m.ch_mult), f"ch_mult must be positive ints, got {m.ch_mult}")
+    _check(
+        owner, len(m.ch_mult) > 0 and all(c > 0 for c in m.ch_mult), f"ch_mult must be positive ints, got {m.ch_mult}"
+    )
     _check(owner, m.num_res_blocks >= 1, f"num_res_blocks must be >= 1, got {m.num_res_blocks}")
     _check(owner, 0.0 <= m.dropout < 1.0, f"dropout must be in [0, 1), got {m.dropout}")
     _check(owner, m.num_classes >= 0, f"num_classes must be >= 0, got {m.num_classes}")
@@ -156,9 +158,7 @@ class NCSNpp(nn.Module, kw_only=True):
             used_sigmas = labels.astype(jnp.float32)
             temb = GaussianFourierProjection(
                 embedding_size=nf, scale=self.fourier_scale, name=name("GaussianFourierProjection")
-            )(
-                jnp.log(used_sigmas)
-            )
+            )(jnp.log(used_sigmas))
         else:
             temb = timestep_embedding(labels, nf)
             used_sigmas = None
@@ -199,7 +199,9 @@ class NCSNpp(nn.Module, kw_only=True):
             )
 
         def attn(h):
-            block = wrap(AttnBlock)(skip_rescale=self.skip_rescale, init_scale=self.init_scale, name=name("AttnBlockpp"), **kw)
+            block = wrap(AttnBlock)(
+                skip_rescale=self.skip_rescale, init_scale=self.init_scale, name=name("AttnBlockpp"), **kw
+            )
             return block(h)
 
         def cross_attn(h):

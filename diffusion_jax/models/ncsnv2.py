@@ -15,7 +15,8 @@ Three layouts as in score_sde: ``ncsnv2_64`` (images up to 64 px), ``ncsnv2_128`
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax

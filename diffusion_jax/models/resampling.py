@@ -23,7 +23,7 @@ All functions take and return ``(B, H, W, C)`` arrays.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,12 +28,12 @@ from diffusion_jax.samplers.ode import ProbabilityFlowSampler
 from diffusion_jax.samplers.pc import (
     CORRECTORS,
     PREDICTORS,
+    AncestralPredictor,
     EulerMaruyamaPredictor,
     LangevinCorrector,
     NoneCorrector,
     PCSampler,
     ReverseDiffusionPredictor,
-    AncestralPredictor,
 )
 from diffusion_jax.sde import SDE
 from diffusion_jax.solvers.ode import get_solver
@@ -47,9 +48,18 @@ __all__ = ["sample", "SAMPLERS", "get_sampler"]
 # --------------------------------------------------------------------------------------------
 
 
-def _pc(*, predictor: str = "reverse_diffusion", corrector: str = "langevin", snr: float = 0.16,
-        n_steps: int = 1, norm: str = "batch", num_steps: int = 1000, grid: Any = None,
-        probability_flow: bool = False, denoise: bool = True) -> PCSampler:
+def _pc(
+    *,
+    predictor: str = "reverse_diffusion",
+    corrector: str = "langevin",
+    snr: float = 0.16,
+    n_steps: int = 1,
+    norm: str = "batch",
+    num_steps: int = 1000,
+    grid: Any = None,
+    probability_flow: bool = False,
+    denoise: bool = True,
+) -> PCSampler:
     """score_sde's PC sampler from predictor and corrector names (defaults: reverse diffusion +
     Langevin, snr 0.16, one corrector step, as score_sde's VE configs)."""
     if predictor not in PREDICTORS:
@@ -63,29 +73,38 @@ def _pc(*, predictor: str = "reverse_diffusion", corrector: str = "langevin", sn
     else:
         corr = NoneCorrector()
     kw = {} if grid is None else {"grid": grid}
-    return PCSampler(predictor=PREDICTORS[predictor](), corrector=corr, num_steps=num_steps,
-                     probability_flow=probability_flow, denoise=denoise, **kw)
+    return PCSampler(
+        predictor=PREDICTORS[predictor](),
+        corrector=corr,
+        num_steps=num_steps,
+        probability_flow=probability_flow,
+        denoise=denoise,
+        **kw,
+    )
 
 
 def _euler_maruyama(*, num_steps: int = 1000, grid: Any = None, denoise: bool = True) -> PCSampler:
     """Euler-Maruyama on the reverse SDE, no corrector (score_sde predictor "euler_maruyama")."""
     kw = {} if grid is None else {"grid": grid}
-    return PCSampler(predictor=EulerMaruyamaPredictor(), corrector=NoneCorrector(),
-                     num_steps=num_steps, denoise=denoise, **kw)
+    return PCSampler(
+        predictor=EulerMaruyamaPredictor(), corrector=NoneCorrector(), num_steps=num_steps, denoise=denoise, **kw
+    )
 
 
 def _reverse_diffusion(*, num_steps: int = 1000, grid: Any = None, denoise: bool = True) -> PCSampler:
     """Reverse diffusion predictor, no corrector."""
     kw = {} if grid is None else {"grid": grid}
-    return PCSampler(predictor=ReverseDiffusionPredictor(), corrector=NoneCorrector(),
-                     num_steps=num_steps, denoise=denoise, **kw)
+    return PCSampler(
+        predictor=ReverseDiffusionPredictor(), corrector=NoneCorrector(), num_steps=num_steps, denoise=denoise, **kw
+    )
 
 
 def _ancestral(*, num_steps: int = 1000, grid: Any = None, denoise: bool = True) -> PCSampler:
     """score_sde's ancestral sampling predictor on the SDE's discrete table, no corrector."""
     kw = {} if grid is None else {"grid": grid}
-    return PCSampler(predictor=AncestralPredictor(), corrector=NoneCorrector(),
-                     num_steps=num_steps, denoise=denoise, **kw)
+    return PCSampler(
+        predictor=AncestralPredictor(), corrector=NoneCorrector(), num_steps=num_steps, denoise=denoise, **kw
+    )
 
 
 class _Preset:
@@ -124,13 +143,17 @@ SAMPLERS: dict[str, Callable[..., Any]] = {
     "dpmpp_2s": _Preset(DPMSolverPP, "DPM-Solver++(2S)", fixed=dict(order=2, method="singlestep")),
     "unipc": UniPC,
     # fast stochastic
-    "ddpm": _Preset(DDIM, "DDPM ancestral sampling for any linear SDE: DDIM with eta = 1",
-                    defaults=dict(eta=1.0, num_steps=1000)),
+    "ddpm": _Preset(
+        DDIM, "DDPM ancestral sampling for any linear SDE: DDIM with eta = 1", defaults=dict(eta=1.0, num_steps=1000)
+    ),
     "sde_dpmpp_2m": SDEDPMSolverPP,
     # EDM's stochastic sampler (Algorithm 2) with the ImageNet-64 settings of Karras et al.
     # (2022), Table 5: S_churn = 40, S_tmin = 0.05, S_tmax = 50, S_noise = 1.003.
-    "edm": _Preset(EDMSampler, "EDM's stochastic sampler",
-                   defaults=dict(s_churn=40.0, s_tmin=0.05, s_tmax=50.0, s_noise=1.003, num_steps=256)),
+    "edm": _Preset(
+        EDMSampler,
+        "EDM's stochastic sampler",
+        defaults=dict(s_churn=40.0, s_tmin=0.05, s_tmax=50.0, s_noise=1.003, num_steps=256),
+    ),
 }
 
 
@@ -192,8 +215,9 @@ def _combine(dynamic, static):
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def _sample_impl(key, fn_dynamic, sde, sampler, x_init, *, fn_static, shape, dtype,
-                 per_sample_keys, return_trajectory, kind):
+def _sample_impl(
+    key, fn_dynamic, sde, sampler, x_init, *, fn_static, shape, dtype, per_sample_keys, return_trajectory, kind
+):
     fn = _combine(fn_dynamic, fn_static)
     model = Model(fn, sde, kind=kind, thresholding=getattr(sampler, "thresholding", None))
     noise = NoiseSource(key, shape[0], per_sample_keys)
@@ -253,8 +277,10 @@ def sample(
     if kind not in param_lib.KINDS:
         raise ValueError(f"unknown prediction kind {kind!r}; valid: {', '.join(param_lib.KINDS)}")
     if not hasattr(sampler, "run") or not hasattr(sampler, "validate"):
-        raise TypeError(f"sampler must be a sampler object (see get_sampler; valid names: "
-                        f"{', '.join(SAMPLERS)}), got {type(sampler).__name__}")
+        raise TypeError(
+            f"sampler must be a sampler object (see get_sampler; valid names: "
+            f"{', '.join(SAMPLERS)}), got {type(sampler).__name__}"
+        )
     if kind != "score" and not sde.has_marginals:
         sde._no_marginals(f"a {kind!r} prediction function")
     sampler.validate(sde)
@@ -266,6 +292,16 @@ def sample(
     if not jnp.issubdtype(dt, jnp.floating):
         raise ValueError(f"dtype must be floating point, got {dt}")
     fn_dynamic, fn_static = _partition(score_fn)
-    return _sample_jit(key, fn_dynamic, sde, sampler, x_init, fn_static=fn_static, shape=shape,
-                       dtype=dt, per_sample_keys=bool(per_sample_keys),
-                       return_trajectory=bool(return_trajectory), kind=kind)
+    return _sample_jit(
+        key,
+        fn_dynamic,
+        sde,
+        sampler,
+        x_init,
+        fn_static=fn_static,
+        shape=shape,
+        dtype=dt,
+        per_sample_keys=bool(per_sample_keys),
+        return_trajectory=bool(return_trajectory),
+        kind=kind,
+    )

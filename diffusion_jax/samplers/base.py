@@ -8,7 +8,8 @@ clipping / dynamic thresholding of the data prediction where a sampler asks for 
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -112,8 +113,7 @@ class Model:
     every sampler that asks for x0 or eps sees the same clipped prediction.
     """
 
-    def __init__(self, fn: Callable[[Array, Array], Array], sde: SDE, kind: str = "score",
-                 thresholding: Any = None):
+    def __init__(self, fn: Callable[[Array, Array], Array], sde: SDE, kind: str = "score", thresholding: Any = None):
         self.fn = fn
         self.sde = sde
         self.kind = kind
@@ -168,7 +168,7 @@ class Model:
 
 
 def _fold(key: Array, j) -> Array:
-    for part in (j if isinstance(j, tuple) else (j,)):
+    for part in j if isinstance(j, tuple) else (j,):
         key = jax.random.fold_in(key, part)
     return key
 
@@ -215,6 +215,7 @@ class NoiseSource:
         per-sample keys, ``fn`` is mapped over the batch, each sample with its own key."""
         keys = self._stream(2)
         if self.per_sample:
+
             def one(k, *args):
                 out = fn(_fold(k, j), *[a[None] for a in args])
                 return jax.tree_util.tree_map(lambda o: o[0], out)

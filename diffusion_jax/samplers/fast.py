@@ -368,8 +368,12 @@ class IPNDM(_FastSampler):
     def __post_init__(self):
         if int(self.order) not in ADAMS_BASHFORTH:
             raise ValueError(f"ipndm: order must be 1, 2, 3 or 4, got {self.order}")
-        _check_steps(self.name, self.num_steps, self.order,
-                     f"a multistep method of order {self.order} needs at least that many steps")
+        _check_steps(
+            self.name,
+            self.num_steps,
+            self.order,
+            f"a multistep method of order {self.order} needs at least that many steps",
+        )
 
     def run(self, model: Model, x, noise: NoiseSource, *, return_trajectory=False):
         c = _GridCoefs(model.sde, self.grid(model.sde, self.num_steps), x.dtype)
@@ -389,8 +393,9 @@ class IPNDM(_FastSampler):
 
         st0 = c.sigma_tilde[0]
         carry0 = (x, jnp.zeros((3,) + x.shape, x.dtype), st0 * (2.0 + jnp.arange(3, dtype=x.dtype)))
-        (x, *_), traj = _scan(body, carry0, (jnp.arange(self.num_steps), weights, orders),
-                              return_trajectory, lambda cr: cr[0])
+        (x, *_), traj = _scan(
+            body, carry0, (jnp.arange(self.num_steps), weights, orders), return_trajectory, lambda cr: cr[0]
+        )
         return _finish(model, x, c, self.denoise, self.num_steps, self.num_steps, traj)
 
 
@@ -433,14 +438,17 @@ class PLMS(_FastSampler):
             _, a_s, _, _, st_s = c.at(i + 1)
             e = model.eps(x, t)
             x = _ab_step(x, e, hist, st_hist, w, order, a_t, st_t, a_s, st_s, self.variable_step)
-            return (x, jnp.concatenate([e[None], hist[:-1]], axis=0),
-                    jnp.concatenate([st_t[None], st_hist[:-1]]))
+            return (x, jnp.concatenate([e[None], hist[:-1]], axis=0), jnp.concatenate([st_t[None], st_hist[:-1]]))
 
         hist0 = jnp.concatenate([e0[None], jnp.zeros((2,) + x.shape, x.dtype)], axis=0)
         st_hist0 = jnp.stack([st_t, 2.0 * st_t, 3.0 * st_t])
-        (x, *_), traj = _scan(body, (x, hist0, st_hist0),
-                              (jnp.arange(1, self.num_steps), weights, orders),
-                              return_trajectory, lambda cr: cr[0])
+        (x, *_), traj = _scan(
+            body,
+            (x, hist0, st_hist0),
+            (jnp.arange(1, self.num_steps), weights, orders),
+            return_trajectory,
+            lambda cr: cr[0],
+        )
         traj = _concat_traj(x_first if return_trajectory else None, traj)
         return _finish(model, x, c, self.denoise, self.num_steps + 1, self.num_steps, traj)
 
@@ -497,8 +505,12 @@ class DPMSolverPP(_FastSampler):
         if self.method == "singlestep" and int(self.order) != 2:
             raise ValueError(f"singlestep DPM-Solver++ is implemented for order 2 (2S), got {self.order}")
         minimum = int(self.order) if self.method == "multistep" else 1
-        _check_steps(f"DPM-Solver++({self.order}{self.method[0].upper()})", self.num_steps, minimum,
-                     f"a multistep method of order {self.order} needs at least {self.order} steps")
+        _check_steps(
+            f"DPM-Solver++({self.order}{self.method[0].upper()})",
+            self.num_steps,
+            minimum,
+            f"a multistep method of order {self.order} needs at least {self.order} steps",
+        )
 
     def run(self, model: Model, x, noise: NoiseSource, *, return_trajectory=False):
         if self.method == "singlestep":
@@ -533,8 +545,7 @@ class DPMSolverPP(_FastSampler):
         # divided differences finite.
         l0 = c.lam[0]
         carry0 = (x, jnp.zeros((2,) + x.shape, x.dtype), jnp.stack([l0 - 1.0, l0 - 2.0]))
-        (x, _, _), traj = _scan(body, carry0, (jnp.arange(self.num_steps), orders),
-                                return_trajectory, lambda cr: cr[0])
+        (x, _, _), traj = _scan(body, carry0, (jnp.arange(self.num_steps), orders), return_trajectory, lambda cr: cr[0])
         return _finish(model, x, c, self.denoise, self.num_steps, self.num_steps, traj)
 
     def _run_2s(self, model: Model, x, return_trajectory):
@@ -611,8 +622,7 @@ class SDEDPMSolverPP(_FastSampler):
             return x_new, d0, l_t
 
         carry0 = (x, jnp.zeros_like(x), c.lam[0] - 1.0)
-        (x, _, _), traj = _scan(body, carry0, (jnp.arange(self.num_steps), orders),
-                                return_trajectory, lambda cr: cr[0])
+        (x, _, _), traj = _scan(body, carry0, (jnp.arange(self.num_steps), orders), return_trajectory, lambda cr: cr[0])
         return _finish(model, x, c, self.denoise, self.num_steps, self.num_steps, traj)
 
 
@@ -668,8 +678,12 @@ class UniPC(_FastSampler):
             raise ValueError(f"UniPC order must be 1, 2 or 3, got {self.order}")
         if self.variant not in ("bh1", "bh2"):
             raise ValueError(f"UniPC variant must be 'bh1' or 'bh2', got {self.variant!r}")
-        _check_steps(self.name, self.num_steps, int(self.order),
-                     f"a multistep method of order {self.order} needs at least {self.order} steps")
+        _check_steps(
+            self.name,
+            self.num_steps,
+            int(self.order),
+            f"a multistep method of order {self.order} needs at least {self.order} steps",
+        )
 
     def run(self, model: Model, x, noise: NoiseSource, *, return_trajectory=False):
         c = _GridCoefs(model.sde, self.grid(model.sde, self.num_steps), x.dtype)
@@ -712,8 +726,12 @@ class UniPC(_FastSampler):
             return x_next, x, d_hist, l_hist, order
 
         l0 = c.lam[0]
-        carry0 = (x, x, jnp.zeros((p,) + x.shape, x.dtype),
-                  l0 - 1.0 - jnp.arange(p, dtype=x.dtype), jnp.asarray(1, jnp.int32))
-        (x, *_), traj = _scan(body, carry0, (jnp.arange(self.num_steps), orders),
-                              return_trajectory, lambda cr: cr[0])
+        carry0 = (
+            x,
+            x,
+            jnp.zeros((p,) + x.shape, x.dtype),
+            l0 - 1.0 - jnp.arange(p, dtype=x.dtype),
+            jnp.asarray(1, jnp.int32),
+        )
+        (x, *_), traj = _scan(body, carry0, (jnp.arange(self.num_steps), orders), return_trajectory, lambda cr: cr[0])
         return _finish(model, x, c, self.denoise, self.num_steps, self.num_steps, traj)

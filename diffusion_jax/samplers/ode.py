@@ -63,20 +63,31 @@ class ProbabilityFlowSampler(flax.struct.PyTreeNode):
 
     def run(self, model: Model, x: Array, noise: NoiseSource, *, return_trajectory: bool = False):
         if return_trajectory:
-            raise ValueError("the adaptive ODE sampler has no fixed grid to record a trajectory on; "
-                             "use return_trajectory=False")
+            raise ValueError(
+                "the adaptive ODE sampler has no fixed grid to record a trajectory on; use return_trajectory=False"
+            )
         sde = model.sde
         flow = sde.probability_flow(model.score)
 
         def vector_field(y, t):
             return flow(y, jnp.broadcast_to(t, y.shape[:1]))
 
-        x, stats = odeint(vector_field, x, jnp.asarray(sde.T, x.dtype), jnp.asarray(sde.t_min, x.dtype),
-                          solver=self.solver, rtol=self.rtol, atol=self.atol, max_steps=self.max_steps,
-                          controller=self.controller, error_norm=self.error_norm)
+        x, stats = odeint(
+            vector_field,
+            x,
+            jnp.asarray(sde.T, x.dtype),
+            jnp.asarray(sde.t_min, x.dtype),
+            solver=self.solver,
+            rtol=self.rtol,
+            atol=self.atol,
+            max_steps=self.max_steps,
+            controller=self.controller,
+            error_norm=self.error_norm,
+        )
         nfe = stats.nfe
         if self.denoise:
             x = model.x0(x, sde.t_min)
             nfe = nfe + 1
-        return x, SampleInfo(nfe=nfe, num_steps=stats.num_steps, num_rejected=stats.num_rejected,
-                             success=stats.success, trajectory=None)
+        return x, SampleInfo(
+            nfe=nfe, num_steps=stats.num_steps, num_rejected=stats.num_rejected, success=stats.success, trajectory=None
+        )

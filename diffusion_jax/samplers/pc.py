@@ -116,8 +116,10 @@ class AncestralPredictor(flax.struct.PyTreeNode):
 
     def update(self, model: Model, x, t, t_next, noise: NoiseSource, j, *, probability_flow=False):
         if probability_flow:
-            raise ValueError("the ancestral predictor has no probability-flow form (score_sde "
-                             "asserts the same); use euler_maruyama or reverse_diffusion")
+            raise ValueError(
+                "the ancestral predictor has no probability-flow form (score_sde "
+                "asserts the same); use euler_maruyama or reverse_diffusion"
+            )
         sde = model.sde
         if not hasattr(sde, "ancestral_step"):
             raise ValueError(
@@ -244,15 +246,24 @@ CORRECTORS = {
 }
 
 
-def pc_step(predictor, corrector, model: Model, x: Array, t: Array, t_next: Array,
-            noise: NoiseSource, step: Array | int, *, probability_flow: bool = False):
+def pc_step(
+    predictor,
+    corrector,
+    model: Model,
+    x: Array,
+    t: Array,
+    t_next: Array,
+    noise: NoiseSource,
+    step: Array | int,
+    *,
+    probability_flow: bool = False,
+):
     """One predictor-corrector step at time ``t`` (corrector first, then predictor, as in
     score_sde). ``x``: ``(B, ...)``; ``t``, ``t_next``: ``(B,)``. Noise draws are indexed by
     ``step`` so that every step sees fresh noise. Returns ``(x, x_mean)``."""
     # Noise draws (0, step, i) for the corrector's i-th Langevin step, (1, step) for the predictor.
     x, x_mean = corrector.update(model, x, t, noise, (0, step))
-    x, x_mean = predictor.update(model, x, t, t_next, noise, (1, step),
-                                 probability_flow=probability_flow)
+    x, x_mean = predictor.update(model, x, t, t_next, noise, (1, step), probability_flow=probability_flow)
     return x, x_mean
 
 
@@ -282,8 +293,10 @@ class PCSampler(flax.struct.PyTreeNode):
         if int(self.num_steps) < 1:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
         if self.probability_flow and not self.predictor.has_probability_flow:
-            raise ValueError("the ancestral predictor has no probability-flow form; use "
-                             "euler_maruyama or reverse_diffusion with probability_flow=True")
+            raise ValueError(
+                "the ancestral predictor has no probability-flow form; use "
+                "euler_maruyama or reverse_diffusion with probability_flow=True"
+            )
 
     def validate(self, sde: SDE) -> None:
         for part in (self.predictor, self.corrector):
@@ -310,8 +323,9 @@ class PCSampler(flax.struct.PyTreeNode):
             i, t, t_next = inp
             tb = jnp.broadcast_to(t, x.shape[:1])
             tnb = jnp.broadcast_to(t_next, x.shape[:1])
-            x, x_mean = pc_step(self.predictor, self.corrector, model, x, tb, tnb, noise, i,
-                                probability_flow=self.probability_flow)
+            x, x_mean = pc_step(
+                self.predictor, self.corrector, model, x, tb, tnb, noise, i, probability_flow=self.probability_flow
+            )
             return (x, x_mean), (x if return_trajectory else None)
 
         idx = jnp.arange(self.num_steps)

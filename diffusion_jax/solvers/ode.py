@@ -44,7 +44,8 @@ leading axis (e.g. ``(x, delta_logp)`` with shapes ``(B, ...)`` and ``(B,)``).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -116,13 +117,20 @@ def _tsit5_tableau() -> ButcherTableau:
     a[2, :2] = [-0.008480655492356989, 0.335480655492357]
     a[3, :3] = [2.897153057105493, -6.359448489975075, 4.3622954328695815]
     a[4, :4] = [5.325864828439257, -11.748883564062828, 7.4955393428898365, -0.09249506636175525]
-    a[5, :5] = [5.86145544294642, -12.92096931784711, 8.159367898576159, -0.071584973281401,
-                -0.028269050394068383]
-    a[6, :6] = [0.09646076681806523, 0.01, 0.4798896504144996, 1.379008574103742,
-                -3.290069515436081, 2.324710524099774]
+    a[5, :5] = [5.86145544294642, -12.92096931784711, 8.159367898576159, -0.071584973281401, -0.028269050394068383]
+    a[6, :6] = [0.09646076681806523, 0.01, 0.4798896504144996, 1.379008574103742, -3.290069515436081, 2.324710524099774]
     b = a[6].copy()
-    e = np.array([0.001780011052226, 0.000816434459657, -0.007880878010262, 0.144711007173263,
-                  -0.582357165452555, 0.458082105929187, -1 / 66])
+    e = np.array(
+        [
+            0.001780011052226,
+            0.000816434459657,
+            -0.007880878010262,
+            0.144711007173263,
+            -0.582357165452555,
+            0.458082105929187,
+            -1 / 66,
+        ]
+    )
     return ButcherTableau(c=c, a=a, b=b, e=e, order=5, fsal=True)
 
 
@@ -363,8 +371,9 @@ def odeint(
         diff = jax.tree_util.tree_map(lambda a, b: a - b, f1, f0)
         d2 = _scaled_norm(diff, scale, error_norm) / h0
         dmax = jnp.maximum(d1, d2)
-        h1 = jnp.where(dmax <= 1e-15, jnp.maximum(1e-6, h0 * 1e-3),
-                       (0.01 / jnp.maximum(dmax, 1e-30)) ** (1.0 / (k + 1)))
+        h1 = jnp.where(
+            dmax <= 1e-15, jnp.maximum(1e-6, h0 * 1e-3), (0.01 / jnp.maximum(dmax, 1e-30)) ** (1.0 / (k + 1))
+        )
         h = jnp.minimum(100 * h0, h1)
         nfe0 += 1
     else:
@@ -373,8 +382,15 @@ def odeint(
 
     zeros_i = jnp.zeros(t_shape, jnp.int32)
     init = dict(
-        y=y0, f=f0, t=t0, h=h, r_prev=jnp.ones(t_shape, dtype), done=span <= 0,
-        steps=zeros_i, rejected=zeros_i, nfe=jnp.asarray(nfe0, jnp.int32),
+        y=y0,
+        f=f0,
+        t=t0,
+        h=h,
+        r_prev=jnp.ones(t_shape, dtype),
+        done=span <= 0,
+        steps=zeros_i,
+        rejected=zeros_i,
+        nfe=jnp.asarray(nfe0, jnp.int32),
         iters=jnp.asarray(0, jnp.int32),
     )
 
@@ -394,25 +410,26 @@ def odeint(
         fac = controller.factor(ratio, s["r_prev"], accept, k)
         h_new = jnp.where(done, h, h_step * fac)
         t_new = jnp.where(accept, jnp.where(last, t1, t + dt), t)
-        take = lambda new, old: jax.tree_util.tree_map(
-            lambda a, b: jnp.where(_bc(accept, a), a, b), new, old)
+        take = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(_bc(accept, a), a, b), new, old)
         return dict(
-            y=take(y_new, s["y"]), f=take(f_new, s["f"]), t=t_new, h=h_new,
+            y=take(y_new, s["y"]),
+            f=take(f_new, s["f"]),
+            t=t_new,
+            h=h_new,
             r_prev=jnp.where(accept, jnp.maximum(ratio, 1e-4), s["r_prev"]),
             done=done | (accept & last),
             steps=s["steps"] + accept.astype(jnp.int32),
             rejected=s["rejected"] + ((~accept) & ~done).astype(jnp.int32),
-            nfe=s["nfe"] + n, iters=s["iters"] + 1,
+            nfe=s["nfe"] + n,
+            iters=s["iters"] + 1,
         )
 
     out = jax.lax.while_loop(cond, body, init)
-    stats = ODEStats(nfe=out["nfe"], num_steps=out["steps"], num_rejected=out["rejected"],
-                     success=jnp.all(out["done"]))
+    stats = ODEStats(nfe=out["nfe"], num_steps=out["steps"], num_rejected=out["rejected"], success=jnp.all(out["done"]))
     return out["y"], stats
 
 
-def odeint_fixed(vector_field: VectorField, y0: PyTree, ts: Array, *,
-                 solver: Any = "dopri5") -> tuple[PyTree, Array]:
+def odeint_fixed(vector_field: VectorField, y0: PyTree, ts: Array, *, solver: Any = "dopri5") -> tuple[PyTree, Array]:
     """Fixed steps of the propagated (higher-order) solution of ``solver`` over the grid ``ts``
     (shape ``(N+1,)``, increasing or decreasing; ``t`` passed to the vector field is scalar).
 

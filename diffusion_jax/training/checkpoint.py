@@ -109,8 +109,15 @@ class Checkpointer:
     :meth:`wait` or :meth:`close` as :class:`CheckpointSaveError`, naming the step that failed.
     """
 
-    def __init__(self, directory: str | pathlib.Path, *, keep_period: int | None = None,
-                 max_to_keep: int = 2, async_save: bool = True, read_only: bool = False):
+    def __init__(
+        self,
+        directory: str | pathlib.Path,
+        *,
+        keep_period: int | None = None,
+        max_to_keep: int = 2,
+        async_save: bool = True,
+        read_only: bool = False,
+    ):
         self.directory = pathlib.Path(directory).absolute()
         self.read_only = read_only
         options = ocp.CheckpointManagerOptions(
@@ -188,13 +195,19 @@ class Checkpointer:
         what = f"checkpoint {step}" if step is not None else "a checkpoint"
         cause = "the disk is full (No space left on device)" if disk_full else _first_line(error)
         if intact:
-            kept = (f"The checkpoints already saved are intact (steps {', '.join(map(str, intact))}); "
-                    f"{'free some space, then ' if disk_full else ''}rerun the same command to resume "
-                    f"from step {intact[-1]}")
+            kept = (
+                f"The checkpoints already saved are intact (steps {', '.join(map(str, intact))}); "
+                f"{'free some space, then ' if disk_full else ''}rerun the same command to resume "
+                f"from step {intact[-1]}"
+            )
         else:
             kept = "No earlier checkpoint exists; " + ("free some space, then " if disk_full else "") + "rerun"
-        return CheckpointSaveError(f"could not write {what} in {self.directory}: {cause}. {kept}.",
-                                   step=-1 if step is None else step, disk_full=disk_full, intact=intact)
+        return CheckpointSaveError(
+            f"could not write {what} in {self.directory}: {cause}. {kept}.",
+            step=-1 if step is None else step,
+            disk_full=disk_full,
+            intact=intact,
+        )
 
     def reached_preemption(self, counter: int) -> bool:
         """orbax's multi-host preemption notice: True on every process at the same call.
@@ -240,8 +253,11 @@ class Checkpointer:
             except Exception as e:  # orbax raises many types for unreadable checkpoints
                 error = e
             if not _all_processes_agree(error is None):
-                where = "" if jax.process_count() == 1 else (
-                    " on this process" if error is not None else " on another process")
+                where = (
+                    ""
+                    if jax.process_count() == 1
+                    else (" on this process" if error is not None else " on another process")
+                )
                 reason = _first_line(error, 500) if error is not None else "see that process's log"
                 msg = f"checkpoint {self.directory / str(s)} could not be restored{where}: {reason}"
                 log.warning("%s; trying an older one", msg)
@@ -271,4 +287,3 @@ class Checkpointer:
 
             multihost_utils.sync_global_devices("diffusion_jax_checkpoint_quarantine")
         self.manager.reload()
-

@@ -38,8 +38,13 @@ def cluster_from_environment() -> bool:
         return False
 
 
-def initialize(*, coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, timeout: int = 300) -> bool:
+def initialize(
+    *,
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    timeout: int = 300,
+) -> bool:
     """Join a multi-process job if one is configured; returns whether JAX runs distributed.
 
     Idempotent. With no explicit coordinator and no cluster environment this does nothing.
@@ -55,15 +60,24 @@ def initialize(*, coordinator_address: str | None = None, num_processes: int | N
             )
         if not 0 <= process_id < num_processes:
             raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}")
-        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                                   process_id=process_id, initialization_timeout=timeout)
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+            initialization_timeout=timeout,
+        )
     elif cluster_from_environment():
         jax.distributed.initialize(initialization_timeout=timeout)
     else:
         return False
     _initialized = True
-    log.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
-             jax.local_device_count(), jax.device_count())
+    log.info(
+        "process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
     return True
 
 
@@ -71,8 +85,11 @@ def compilation_cache(directory: str | None = None) -> str:
     """Turn on JAX's persistent compilation cache (``$DIFFUSION_JAX_CACHE`` or
     ``~/.cache/diffusion_jax/jax``): repeated compiles of a U-Net drop from seconds to a
     fraction of that."""
-    directory = directory or os.environ.get("DIFFUSION_JAX_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "diffusion_jax", "jax")
+    directory = (
+        directory
+        or os.environ.get("DIFFUSION_JAX_CACHE")
+        or os.path.join(os.path.expanduser("~"), ".cache", "diffusion_jax", "jax")
+    )
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     return directory

@@ -97,7 +97,11 @@ class Progress:
         rate = self.rate(step)
         eta = (self.total - step) / rate if rate > 0 else float("inf")
         parts = " | ".join(f"{k} {float(v):.4g}" for k, v in metrics.items())
-        print(f"step {step}/{self.total} | {parts} | {rate:.2f} steps/s | ETA {_fmt_seconds(eta)}", file=self.stream, flush=True)
+        print(
+            f"step {step}/{self.total} | {parts} | {rate:.2f} steps/s | ETA {_fmt_seconds(eta)}",
+            file=self.stream,
+            flush=True,
+        )
 
 
 def image_grid(images: np.ndarray, *, value_range=(0.0, 1.0), ncol: int | None = None, pad: int = 1) -> np.ndarray:
@@ -113,12 +117,13 @@ def image_grid(images: np.ndarray, *, value_range=(0.0, 1.0), ncol: int | None =
     grid = np.ones((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), np.float32)
     for i in range(n):
         r, q = divmod(i, ncol)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = images[i]
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = images[i]
     return (grid * 255 + 0.5).astype(np.uint8)
 
 
-def save_image_grid(path: str | pathlib.Path, images: np.ndarray, *, value_range=(0.0, 1.0),
-                    ncol: int | None = None, upscale: int = 1) -> None:
+def save_image_grid(
+    path: str | pathlib.Path, images: np.ndarray, *, value_range=(0.0, 1.0), ncol: int | None = None, upscale: int = 1
+) -> None:
     from PIL import Image
 
     grid = image_grid(images, value_range=value_range, ncol=ncol)

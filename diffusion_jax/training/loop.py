@@ -12,7 +12,8 @@ import logging
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -185,7 +186,9 @@ def fit(
                     writer.write(step, eval_metrics, split="eval")
             if snapshot_fn is not None and _crossed(prev, step, snapshot_freq):
                 snapshot_fn(state, step)
-            preempted = sig.received is not None or (checkpointer is not None and checkpointer.reached_preemption(calls))
+            preempted = sig.received is not None or (
+                checkpointer is not None and checkpointer.reached_preemption(calls)
+            )
             if _crossed(prev, step, checkpoint_every) or preempted:
                 save("preemption" if preempted else "periodic")
             if preempted:
@@ -200,5 +203,7 @@ def fit(
     if writer is not None:
         writer.flush()
     seconds = time.perf_counter() - t_start
-    summary = RunSummary(start_step, step, seconds, (step - start_step) / seconds if seconds > 0 else 0.0, total_nan, last)
+    summary = RunSummary(
+        start_step, step, seconds, (step - start_step) / seconds if seconds > 0 else 0.0, total_nan, last
+    )
     return state, summary

@@ -42,7 +42,9 @@ def make_optimizer(
     if name == "adam":
         if weight_decay:
             # score_sde's Adam adds L2 weight decay to the gradient (torch.optim.Adam semantics).
-            opt = optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(schedule, b1=beta1, b2=beta2, eps=eps))
+            opt = optax.chain(
+                optax.add_decayed_weights(weight_decay), optax.adam(schedule, b1=beta1, b2=beta2, eps=eps)
+            )
         else:
             opt = optax.adam(schedule, b1=beta1, b2=beta2, eps=eps)
     elif name == "adamw":

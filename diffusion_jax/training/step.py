@@ -9,17 +9,27 @@ micro-batches whose gradients are averaged (same update, less activation memory)
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from diffusion_jax.training.state import TrainState, ema_decay, ema_update
 
-__all__ = ["make_mesh", "make_train_step", "make_eval_step", "shard_batch", "replicate", "per_device_batch", "DATA_AXIS"]
+__all__ = [
+    "make_mesh",
+    "make_train_step",
+    "make_eval_step",
+    "shard_batch",
+    "replicate",
+    "per_device_batch",
+    "DATA_AXIS",
+]
 
 DATA_AXIS = "data"
 
@@ -30,8 +40,9 @@ def make_mesh(devices=None) -> Mesh:
     return Mesh(devices.reshape(-1), (DATA_AXIS,))
 
 
-def per_device_batch(global_batch: int, *, num_devices: int, num_processes: int = 1,
-                     grad_accum_steps: int = 1, name: str = "batch_size") -> int:
+def per_device_batch(
+    global_batch: int, *, num_devices: int, num_processes: int = 1, grad_accum_steps: int = 1, name: str = "batch_size"
+) -> int:
     """The examples each device gets from a global batch of ``global_batch``; raises
     ``ValueError`` (naming ``name``) unless it divides evenly over the hosts, the devices and,
     on each device, into ``grad_accum_steps`` micro-batches."""
@@ -59,8 +70,14 @@ def replicate(tree, mesh: Mesh):
     """Place a pytree replicated on every device of the mesh (works multi-host for values that
     are identical on every process)."""
     sharding = NamedSharding(mesh, P())
-    return jax.tree_util.tree_map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x))
-                                  if jax.process_count() > 1 else jax.device_put(x, sharding), tree)
+    return jax.tree_util.tree_map(
+        lambda x: (
+            jax.make_array_from_process_local_data(sharding, np.asarray(x))
+            if jax.process_count() > 1
+            else jax.device_put(x, sharding)
+        ),
+        tree,
+    )
 
 
 def shard_batch(batch: dict, mesh: Mesh, *, leading_steps: bool = False) -> dict:
@@ -120,7 +137,7 @@ def make_train_step(
         n = jax.tree_util.tree_leaves(xs)[0].shape[0]
         outs = []
         for i in range(n):
-            x_i = jax.tree_util.tree_map(lambda v: v[i], xs)
+            x_i = jax.tree_util.tree_map(lambda v, i=i: v[i], xs)
             if ordered and i:
                 x_i = _after(carry, x_i)
             carry, out = body(carry, x_i)
