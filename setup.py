@@ -28,7 +28,7 @@ setup(
         "pillow>=10",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3", "scipy>=1.11"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "scipy>=1.11", "ruff==0.17.6", "mypy==2.4.1"],
         # Converting score_sde_pytorch checkpoints reads .pth files with torch's weights-only loader.
         "convert": ["torch>=2.4"],
         # Optional comparison against k-diffusion in scripts/benchmark_samplers.py.

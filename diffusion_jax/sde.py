@@ -9,6 +9,11 @@ Two levels of generality:
   ``f(t) = d log alpha / dt`` and ``g(t)^2 = d sigma^2/dt - 2 f(t) sigma^2``
   (Kingma et al. 2021, "Variational Diffusion Models", eq. 26-29; Song et al. 2021, eq. 29-31).
 
+Capabilities are types: :class:`LinearSDE` has closed-form marginals (:func:`require_marginals`
+asks for them), and :class:`DiscreteChain` adds score_sde's discrete SMLD / DDPM tables
+(:class:`VESDE`, :class:`VPSDE`), which the ancestral predictor, reverse diffusion and score_sde's
+discrete losses step through.
+
 Named members: :class:`VESDE`, :class:`VPSDE`, :class:`SubVPSDE` (Song et al. 2021, with
 score_sde's defaults), :class:`EDMSDE` (Karras et al. 2022, time is sigma),
 :class:`CosineVPSDE` (Nichol & Dhariwal 2021) and :class:`RectifiedFlow`
@@ -24,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import flax.struct
 import jax
@@ -37,6 +42,8 @@ ScoreFn = Callable[[Array, Array], Array]
 __all__ = [
     "SDE",
     "LinearSDE",
+    "DiscreteChain",
+    "require_marginals",
     "VESDE",
     "VPSDE",
     "SubVPSDE",
@@ -124,7 +131,14 @@ class SDE(flax.struct.PyTreeNode):
     marginals of a linear SDE raise :class:`MarginalsUnavailableError` here.
     """
 
-    # Subclasses define fields ``T`` and ``t_min``.
+    # Subclasses define ``T`` and ``t_min`` (fields, or properties derived from other fields).
+    if TYPE_CHECKING:
+
+        @property
+        def T(self) -> float: ...  # noqa: N802 (score_sde's name)
+
+        @property
+        def t_min(self) -> float: ...
 
     def drift(self, x: Array, t: Array) -> Array:
         raise NotImplementedError
@@ -148,7 +162,7 @@ class SDE(flax.struct.PyTreeNode):
     def has_marginals(self) -> bool:
         return False
 
-    def _no_marginals(self, what: str):
+    def _no_marginals(self, what: str) -> NoReturn:
         raise MarginalsUnavailableError(
             f"{what} needs the closed-form marginals x_t = alpha(t) x_0 + sigma(t) eps, which "
             f"{type(self).__name__} (a general SDE) does not provide. Use a LinearSDE "
@@ -165,9 +179,11 @@ class SDE(flax.struct.PyTreeNode):
     def t_from_log_snr(self, log_snr: Array) -> Array:
         self._no_marginals("t_from_log_snr()")
 
-    def discretize(self, x: Array, t: Array, dt: Array) -> tuple[Array, Array]:
+    def discretize(self, x: Array, t: Array, dt: Array | None = None) -> tuple[Array, Array]:
         """One Euler-Maruyama increment: ``(f(x, t) dt, g(t) sqrt(|dt|))``. ``dt`` is a scalar or,
         like ``t``, per example (shape a prefix of ``x.shape``)."""
+        if dt is None:
+            raise ValueError(f"{type(self).__name__}.discretize needs the time step dt")
         return self.drift(x, t) * broadcast_to_data(dt, x), self.diffusion(t) * jnp.sqrt(jnp.abs(dt))
 
     def reverse(self, score_fn: ScoreFn, *, probability_flow: bool = False) -> ReverseSDE:
@@ -321,12 +337,42 @@ class LinearSDE(SDE):
         return -(x_t - broadcast_to_data(a, x_t) * x0) / broadcast_to_data(s, x_t) ** 2
 
 
+def require_marginals(sde: SDE, what: str) -> LinearSDE:
+    """``sde`` as a :class:`LinearSDE`; for a general SDE, a :class:`MarginalsUnavailableError` saying
+    that ``what`` (e.g. "the 'ddim' sampler") needs closed-form marginals."""
+    if not isinstance(sde, LinearSDE):
+        sde._no_marginals(what)
+    return sde
+
+
+class DiscreteChain(LinearSDE):
+    """A linear SDE that also carries score_sde's discrete chain of ``N`` steps (SMLD for VE, DDPM
+    for VP): what the ancestral predictor, reverse diffusion, the Langevin step scale and the
+    discrete SMLD / DDPM losses step through. Subclasses define the field ``N`` and the methods
+    below; samplers test for the capability with ``isinstance(sde, DiscreteChain)``."""
+
+    if TYPE_CHECKING:
+        N: int  # the number of steps of the chain, a field of each subclass
+
+    def timestep(self, t: Array) -> Array:
+        """Index into the table for continuous t (score_sde: ``(t (N-1) / T).long()``)."""
+        raise NotImplementedError
+
+    def ancestral_step(self, key: Array, x: Array, t: Array, score: Array) -> tuple[Array, Array]:
+        """One ancestral sampling step of the chain at ``t``; returns ``(x, x_mean)``."""
+        raise NotImplementedError
+
+    def langevin_alpha(self, t: Array) -> Array:
+        """score_sde's per-step scale of the Langevin step size."""
+        raise NotImplementedError
+
+
 def _check_time_range(name: str, t_min: float | None, T: float | None) -> None:
     if t_min is not None and T is not None:
         _check(name, 0 <= t_min < T, f"need 0 <= t_min < T, got t_min={t_min}, T={T}")
 
 
-class VESDE(LinearSDE):
+class VESDE(DiscreteChain):
     """Variance-exploding SDE (SMLD / NCSN; Song et al. 2021, eq. 30).
 
     ``sigma(t) = sigma_min (sigma_max/sigma_min)^t``, ``alpha = 1``; ``N`` is the number of
@@ -410,6 +456,13 @@ class VESDE(LinearSDE):
 class _BetaLinearMixin:
     """Shared pieces of the VP and sub-VP SDEs: beta(t) = beta_min + t (beta_max - beta_min)."""
 
+    if TYPE_CHECKING:  # fields of the SDEs that mix this in
+        beta_min: float
+        beta_max: float
+        N: int
+        T: float
+        t_min: float
+
     def beta(self, t):
         return self.beta_min + jnp.asarray(t) * (self.beta_max - self.beta_min)
 
@@ -440,7 +493,7 @@ class _BetaLinearMixin:
         return jnp.asarray(1.0)
 
 
-class VPSDE(_BetaLinearMixin, LinearSDE):
+class VPSDE(_BetaLinearMixin, DiscreteChain):
     """Variance-preserving SDE (DDPM; Song et al. 2021, eq. 32) with linear beta(t).
 
     ``alpha(t) = exp(-t^2 (b1-b0)/4 - t b0/2)``, ``sigma = sqrt(1 - alpha^2)``. ``N`` is the number

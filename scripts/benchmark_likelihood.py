@@ -121,7 +121,7 @@ def digits_problem(batch, config_path, workdir):
     from sklearn.datasets import load_digits
 
     from diffusion_jax.builders.config import load_config
-    from diffusion_jax.builders.experiment import load_params
+    from diffusion_jax.modes.load import load_params
 
     if not (pathlib.Path(workdir) / "checkpoints").exists():
         print(f"# digits: no checkpoint in {workdir}; train the main job first (skipped)", file=sys.stderr)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
+from diffusion_jax.builders.config import ConfigError, default_config, validate_config, with_defaults
 from diffusion_jax.builders.model import build_model, model_input_shape
 from diffusion_jax.models import DDPM, NCSNpp, NCSNv2_128
 
@@ -92,57 +93,46 @@ def test_ncsnv2_config():
 @pytest.mark.parametrize(
     "key, value, message",
     [
-        (
-            "name",
-            "unet",
-            r"config\.model\.name: unknown model 'unet'; valid names: ddpm, ncsnpp, ncsnv2_128, ncsnv2_256, ncsnv2_64",
-        ),
-        (
-            "progressive",
-            "skip",
-            r"config\.model\.progressive: expected one of \('none', 'output_skip', 'residual'\), got 'skip'",
-        ),
-        ("progressive_combine", "mean", r"config\.model\.progressive_combine: expected one of \('sum', 'cat'\)"),
-        ("resblock_type", "resnet", r"config\.model\.resblock_type"),
-        ("embedding_type", "learned", r"config\.model\.embedding_type"),
-        ("dropout", 1.5, r"config\.model\.dropout: expected a number in \[0, 1\), got 1\.5"),
-        ("nf", 0, r"config\.model\.nf: expected an integer >= 1, got 0"),
-        ("nf", 128.0, r"config\.model\.nf: expected an integer, got 128\.0"),
-        ("ch_mult", (), r"config\.model\.ch_mult: expected a non-empty sequence"),
+        ("name", "unet", r"model\.name = 'unet' is not allowed; valid: ncsnpp, ddpm, ncsnv2_64"),
+        ("progressive", "skip", r"model\.progressive = 'skip' is not allowed; valid: none, output_skip, residual"),
+        ("progressive_combine", "mean", r"model\.progressive_combine = 'mean' is not allowed; valid: sum, cat"),
+        ("resblock_type", "resnet", r"model\.resblock_type = 'resnet' is not allowed"),
+        ("embedding_type", "learned", r"model\.embedding_type = 'learned' is not allowed"),
+        ("dropout", 1.5, r"model\.dropout = 1\.5 must be in \[0, 1\)"),
+        ("nf", 0, r"model\.nf = 0 must be > 0"),
+        ("nf", 128.0, r"model\.nf = 128\.0 has the wrong type; expected int"),
+        ("ch_mult", (), r"model\.ch_mult = \(\) must not be empty"),
         (
             "attn_resolutions",
             (7,),
-            r"config\.model\.attn_resolutions: expected resolutions among the network's \(32, 16, 8, 4\)",
+            r"config\.model\.attn_resolutions = \(7,\): resolutions must be among the network's \[32, 16, 8, 4\]",
         ),
-        ("fir", "yes", r"config\.model\.fir: expected True or False, got 'yes'"),
-        ("conv_size", 5, r"config\.model\.conv_size: expected 3"),
-        ("attention_type", "legacy", r"config\.model\.attention_type"),
-        ("normalization", "BatchNorm", r"config\.model\.normalization"),
-        ("nonlinearity", "gelu", r"config\.model\.nonlinearity"),
-        ("sigma_min", 60.0, r"config\.model\.sigma_min: expected a value below sigma_max=50\.0"),
-        ("dtype", "float8", r"config\.model\.dtype: expected one of \('float32', 'bfloat16', 'float16'\)"),
-        ("num_classes", -1, r"config\.model\.num_classes: expected an integer >= 0"),
-        (
-            "cross_attn_resolutions",
-            (16,),
-            r"config\.model\.context_dim: expected an integer >= 1 when cross_attn_resolutions is set",
-        ),
+        ("fir", "yes", r"model\.fir = 'yes' has the wrong type; expected bool"),
+        ("conv_size", 5, r"model\.conv_size = 5 must be 3"),
+        ("attention_type", "legacy", r"model\.attention_type = 'legacy' is not allowed"),
+        ("normalization", "BatchNorm", r"model\.normalization = 'BatchNorm' is not allowed"),
+        ("nonlinearity", "gelu", r"model\.nonlinearity = 'gelu' is not allowed"),
+        ("sigma_min", 60.0, r"model\.sigma_min = 60\.0 must be below model\.sigma_max = 50"),
+        ("dtype", "float16", r"model\.dtype = 'float16' is not allowed; valid: float32, bfloat16"),
+        ("num_classes", -1, r"model\.num_classes = -1 must be >= 0"),
+        ("cross_attn_resolutions", (16,), r"model\.cross_attn_resolutions needs model\.context_dim"),
+        ("cross_attn_heads", 0, r"model\.cross_attn_heads = 0 must be > 0"),
     ],
 )
 def test_invalid_values_name_the_key(key, value, message):
-    config = ncsnpp_config()
-    if key in config.model:
-        del config.model[key]  # ConfigDict is type-safe: replace the field, do not cast
-    config.model[key] = value
-    with pytest.raises(ValueError, match=message):
-        build_model(config)
+    """Every model key is checked once, by the schema, before the network is built."""
+    config = with_defaults(ncsnpp_config())
+    with config.model.ignore_type():
+        config.model[key] = value
+    with pytest.raises(ConfigError, match=message):
+        validate_config(config)
 
 
-def test_missing_keys_and_sections_are_named():
+def test_partial_configs_take_the_schema_defaults():
+    """score_sde's model and data sections alone build: missing keys take the schema's defaults."""
     config = ncsnpp_config()
     del config.model["skip_rescale"]
-    with pytest.raises(ValueError, match=r"config\.model is missing the key 'skip_rescale' \(needed by ncsnpp\)"):
-        build_model(config)
+    assert build_model(config).skip_rescale is default_config().model.skip_rescale
     config = ncsnpp_config()
     config.data.image_size = 30
     with pytest.raises(
@@ -150,13 +140,10 @@ def test_missing_keys_and_sections_are_named():
         match=r"config\.data\.image_size=30 must be divisible by 2\*\*\(len\(config\.model\.ch_mult\) - 1\) = 8",
     ):
         build_model(config)
-    config = ml_collections.ConfigDict({"model": ncsnpp_config().model.to_dict()})
-    with pytest.raises(ValueError, match="the config has no 'data' section"):
-        build_model(config)
 
 
 def test_ddpm_group_norm_width():
     config = model_configs.cifar10_ddpm()
     config.model.nf = 48
-    with pytest.raises(ValueError, match=r"config\.model\.nf: expected a width .* divisible by 32"):
+    with pytest.raises(ValueError, match=r"config\.model\.nf = 48: DDPM uses GroupNorm\(32\)"):
         build_model(config)

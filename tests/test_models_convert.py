@@ -197,8 +197,10 @@ def test_convert_command_writes_a_workdir_the_tools_load(tmp_path, name, config_
     """``diffusion-jax convert``'s library call: the converted workdir restores through the
     experiment code, and its score function (config -> network -> parametrization) reproduces
     score_sde's ``get_score_fn`` output on the fixture."""
+    from diffusion_jax import modes
     from diffusion_jax.builders import experiment
     from diffusion_jax.builders.config import load_config
+    from diffusion_jax.modes import setup
 
     meta = json.loads((FIXTURES / f"{name}.json").read_text())
     _, data, state = fixture(name)
@@ -207,10 +209,10 @@ def test_convert_command_writes_a_workdir_the_tools_load(tmp_path, name, config_
         section, key = dotted.split(".")
         config[section][key] = tuple(value) if isinstance(value, list) else value
     work = tmp_path / "converted"
-    step = experiment.convert(config, work, checkpoint=_checkpoint(state, shadow_scale=1.0))
+    step = modes.convert(config, work, checkpoint=_checkpoint(state, shadow_scale=1.0))
     assert step == 10 and (work / "config.json").exists()
     exp = experiment.build_experiment(config)
-    got_step, restored = experiment._restore_for_eval(config, exp, work, None)
+    got_step, restored = setup.restore_state(config, exp, work, None)
     assert got_step == 10
     x, t = jnp.asarray(data["x_nhwc"]), jnp.asarray(data["t"])
     score = exp.score_fn(restored.ema_params)(x, t)
@@ -222,7 +224,7 @@ def test_convert_command_writes_a_workdir_the_tools_load(tmp_path, name, config_
     from diffusion_jax.builders.config import ConfigError
 
     with pytest.raises(ConfigError, match="cannot convert the checkpoint: .*Conv_9"):
-        experiment.convert(config, tmp_path / "other", checkpoint=bad)
+        modes.convert(config, tmp_path / "other", checkpoint=bad)
 
 
 # -- score_sde (JAX) parameter trees ---------------------------------------------------------------

@@ -313,8 +313,12 @@ def test_unknown_names_list_the_valid_ones():
         S.get_sampler("pc", corrector="mala")
     with pytest.raises(ValueError, match=r"unknown thresholding"):
         S.get_sampler("ddim", thresholding="percentile")
+    with pytest.raises(ValueError, match=r"unknown sampler 'dpm'; valid names"):
+        S.sample(KEY, MIXTURE.score_fn(VPSDE()), VPSDE(), (2, 2), "dpm")
     with pytest.raises(TypeError, match="sampler must be a sampler object"):
-        S.sample(KEY, MIXTURE.score_fn(VPSDE()), VPSDE(), (2, 2), "ddim")
+        S.sample(KEY, MIXTURE.score_fn(VPSDE()), VPSDE(), (2, 2), object())
+    with pytest.raises(TypeError, match=r"sampler options go with a name"):
+        S.sample(KEY, MIXTURE.score_fn(VPSDE()), VPSDE(), (2, 2), S.get_sampler("ddim"), num_steps=3)
 
 
 @pytest.mark.parametrize(

@@ -1,202 +1,498 @@
-"""The experiment configuration: its schema (every key, with its default) and its validation.
+"""The experiment configuration: one schema (every key, its type, default and meaning) and its checks.
 
 Config files (``configs/**.py``) start from :func:`default_config` and override fields, as in
-score_sde, whose key names are kept where they exist. :func:`validate_config` runs when a run
-starts: an unknown key, an unknown name or an impossible value stops the run with one message
-(:class:`ConfigError`) that says what is allowed.
+score_sde, whose key names are kept where they exist. :func:`validate_config` runs once when a run
+starts, before any work: an unknown key, a value of the wrong type, an unknown name or an
+impossible combination stops the run with one message (:class:`ConfigError`) listing every
+problem and what is allowed.
+
+Typed access at the boundary: the config stays an ``ml_collections.ConfigDict`` with this schema
+beside it, rather than frozen dataclasses per section. Config files, command-line overrides
+(``--config.training.batch_size=64``), score_sde's configs and the ``config.json`` of a workdir are
+all dotted-key trees; one table of :class:`Key` entries types and documents every key of that
+tree, so adding a key means one line here and a read in its one consumer (a dataclass per
+section would repeat every key a second time). Once :func:`validate_config` has passed, a builder
+may read ``config.section.key`` and rely on its type.
+
+This module imports no JAX code: the command line can print help and check a config file
+without starting JAX. Registries of names (SDEs, networks, samplers, ...) are looked up from the
+library only when a config is validated.
 """
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import difflib
-from collections.abc import Callable, Iterable
+import math
+import os
+import runpy
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-__all__ = ["ConfigError", "default_config", "validate_config", "config_to_dict", "config_diff", "load_config"]
+__all__ = [
+    "ConfigError",
+    "Key",
+    "SCHEMA",
+    "SECTIONS",
+    "default_config",
+    "validate_config",
+    "with_defaults",
+    "config_diff",
+    "load_config",
+    "parse_override",
+    "apply_overrides",
+    "registries",
+    "to_python",
+    "markdown",
+]
 
 
 class ConfigError(ValueError):
     """A configuration problem a researcher can act on; the CLI prints it without a traceback."""
 
 
+Check = Callable[[Any], "str | None"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+    """One config key.
+
+    path: dotted name, e.g. ``"training.batch_size"``.
+    default: the value of :func:`default_config`.
+    kind: ``"int"``, ``"float"``, ``"bool"``, ``"str"`` or ``"ints"`` (a tuple of integers).
+    help: one line: what the key means (``docs/config.md`` is generated from it).
+    optional: None is allowed (and then means what ``help`` says).
+    check: a value constraint returning a message (without the key's name) or None.
+    choices: allowed strings: a tuple, or the name of a library registry (see :func:`registries`).
+    """
+
+    path: str
+    default: Any
+    kind: str
+    help: str
+    optional: bool = False
+    check: Check | None = None
+    choices: tuple[str, ...] | str | None = None
+
+    @property
+    def section(self) -> str:
+        return self.path.rpartition(".")[0]
+
+    @property
+    def name(self) -> str:
+        return self.path.rpartition(".")[2]
+
+    @property
+    def type_name(self) -> str:
+        base = {"int": "int", "float": "float", "bool": "bool", "str": "str", "ints": "tuple of int"}[self.kind]
+        return f"{base} or None" if self.optional else base
+
+
+def _positive(v) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def _non_negative(v) -> str | None:
+    return None if v >= 0 else "must be >= 0"
+
+
+def _unit(v) -> str | None:
+    return None if 0 <= v < 1 else "must be in [0, 1)"
+
+
+def _at_least(n: int) -> Check:
+    return lambda v: None if v >= n else f"must be >= {n}"
+
+
+def _all_at_least(n: int) -> Check:
+    return lambda v: None if all(i >= n for i in v) else f"must hold integers >= {n}"
+
+
+def _non_empty(v) -> str | None:
+    return None if len(v) else "must not be empty"
+
+
+def _K(path, default, kind, help, **kw) -> Key:  # noqa: N802 (a table constructor, read as a row)
+    return Key(path, default, kind, help, **kw)
+
+
+SECTIONS: dict[str, str] = {
+    "": "the run as a whole",
+    "training": "optimisation loop, loss and checkpoints",
+    "sampling": "the sampler used for snapshots, `sample` and `eval`",
+    "eval": "the `eval` mode",
+    "data": "the data set and its pipeline",
+    "model": "the network, its parametrization, the SDE's parameters and the EMA",
+    "optim": "the optimiser",
+    "distributed": "multi-host start-up",
+}
+
+# fmt: off
+SCHEMA: tuple[Key, ...] = (
+    _K("seed", 42, "int", "seed of initialisation, training noise and sampling", check=_non_negative),
+
+    # training
+    _K("training.batch_size", 128, "int", "global batch over all devices and hosts", check=_positive),
+    _K("training.n_iters", 1300001, "int", "optimizer steps to train", check=_non_negative),
+    _K("training.snapshot_freq", 50000, "int", "steps between kept checkpoints (and sample grids)", check=_positive),
+    _K("training.log_freq", 50, "int", "steps between logged metrics", check=_positive),
+    _K("training.eval_freq", 100, "int", "steps between losses on an eval batch", check=_positive),
+    _K("training.snapshot_freq_for_preemption", 10000, "int", "steps between the frequent 'latest' checkpoints",
+       check=_positive),
+    _K("training.snapshot_sampling", True, "bool", "write a sample grid at every kept checkpoint"),
+    _K("training.n_jitted_steps", 1, "int", "optimizer steps per jitted call", check=_positive),
+    _K("training.sde", "vesde", "str", "the SDE", choices="sde"),
+    _K("training.continuous", True, "bool", "continuous-time training; False: score_sde's discrete SMLD / DDPM "
+       "losses (vesde / vpsde only)"),
+    _K("training.reduce_mean", False, "bool", "average the loss over dimensions instead of summing"),
+    _K("training.likelihood_weighting", False, "bool", "score_sde's switch; the same as weighting = 'likelihood'"),
+    _K("training.weighting", "sigma2", "str", "loss weighting over time", choices="weighting"),
+    _K("training.time_sampler", "uniform", "str", "how training times are drawn", choices="time_sampler"),
+    _K("training.eps", 1e-5, "float", "smallest training time (uniform / stratified / importance samplers)",
+       check=_positive),
+    _K("training.min_snr_gamma", 5.0, "float", "gamma of the min_snr weighting", check=_positive),
+    _K("training.p_mean", -1.2, "float", "mean of ln(sigma) of the lognormal time sampler (EDM)"),
+    _K("training.p_std", 1.2, "float", "std of ln(sigma) of the lognormal time sampler (EDM)", check=_positive),
+    _K("training.grad_accum_steps", 1, "int", "micro-batches per optimizer step", check=_positive),
+    _K("training.nan_policy", "skip", "str", "what a non-finite loss or gradient does", choices=("skip", "stop")),
+    _K("training.max_consecutive_nan", 20, "int", "with nan_policy 'skip': stop after this many in a row",
+       check=_positive),
+    _K("training.max_to_keep", 2, "int", "recent preemption checkpoints kept besides the kept series",
+       check=_positive),
+    _K("training.async_checkpointing", True, "bool", "write checkpoints in the background"),
+    _K("training.class_dropout", 0.1, "float", "classifier-free guidance: probability of dropping the label "
+       "(class-conditional models)", check=_unit),
+    _K("training.snapshot_samples", 64, "int", "images in each snapshot sample grid", check=_positive),
+
+    # sampling
+    _K("sampling.method", "pc", "str", "the sampler (docs/samplers.md)", choices="sampler"),
+    _K("sampling.predictor", "euler_maruyama", "str", "pc: the predictor", choices="predictor"),
+    _K("sampling.corrector", "none", "str", "pc: the corrector", choices="corrector"),
+    _K("sampling.n_steps_each", 1, "int", "pc: corrector steps per predictor step", check=_positive),
+    _K("sampling.noise_removal", True, "bool", "final denoising step (score_sde); the samplers' `denoise`"),
+    _K("sampling.probability_flow", False, "bool", "pc: predictor on the probability-flow ODE"),
+    _K("sampling.snr", 0.16, "float", "pc: Langevin signal-to-noise ratio", check=_non_negative),
+    _K("sampling.num_steps", 0, "int", "steps of fixed-grid samplers; 0: the SDE's N (score_sde's num_scales), "
+       "else 1000", check=_non_negative),
+    _K("sampling.grid", "", "str", "time grid; '': the sampler's own", choices="grid"),
+    _K("sampling.rho", 7.0, "float", "rho of the karras grid", check=_positive),
+    _K("sampling.rtol", 1e-5, "float", "ode: relative tolerance", check=_positive),
+    _K("sampling.atol", 1e-5, "float", "ode: absolute tolerance", check=_positive),
+    _K("sampling.ode_solver", "dopri5", "str", "ode: the Runge-Kutta pair", choices=("dopri5", "tsit5")),
+    _K("sampling.eta", None, "float", "ddim / ddpm / sde_dpmpp_2m noise scale; None: the sampler's default",
+       optional=True, check=_non_negative),
+    _K("sampling.s_churn", None, "float", "heun / edm: churn S_churn (Karras et al. 2022, Alg. 2)", optional=True,
+       check=_non_negative),
+    _K("sampling.s_tmin", None, "float", "heun / edm: S_tmin", optional=True, check=_non_negative),
+    _K("sampling.s_tmax", None, "float", "heun / edm: S_tmax", optional=True, check=_non_negative),
+    _K("sampling.s_noise", None, "float", "heun / edm: S_noise", optional=True, check=_positive),
+    _K("sampling.order", None, "int", "unipc / ipndm order where selectable", optional=True, check=_positive),
+    _K("sampling.thresholding", "none", "str", "clipping of the data prediction (samplers that predict data)",
+       choices=("none", "static", "dynamic")),
+    _K("sampling.dynamic_threshold_p", 0.995, "float", "dynamic thresholding percentile", check=_unit),
+    _K("sampling.guidance_scale", 0.0, "float", "classifier-free guidance weight w (class-conditional models)",
+       check=_non_negative),
+    _K("sampling.batch_size", 64, "int", "samples per sampler call in eval / sample", check=_positive),
+
+    # eval
+    _K("eval.begin_ckpt", 0, "int", "first checkpoint step to evaluate", check=_non_negative),
+    _K("eval.end_ckpt", -1, "int", "last checkpoint step to evaluate; -1: the newest"),
+    _K("eval.batch_size", 512, "int", "global batch of the loss and bits/dim evaluation", check=_positive),
+    _K("eval.enable_loss", True, "bool", "loss over the whole eval split"),
+    _K("eval.enable_sampling", False, "bool", "draw num_samples samples per checkpoint"),
+    _K("eval.num_samples", 64, "int", "samples per checkpoint (and the default of `sample`)", check=_positive),
+    _K("eval.enable_bpd", False, "bool", "bits/dim through the probability-flow ODE"),
+    _K("eval.bpd_dataset", "test", "str", "split of the bits/dim evaluation", choices=("test", "train")),
+    _K("eval.bpd_num_probes", 1, "int", "Hutchinson probes per example", check=_positive),
+    _K("eval.bpd_estimator", "hutchinson_rademacher", "str", "divergence estimator", choices="estimator"),
+    _K("eval.bpd_rtol", 1e-5, "float", "ODE relative tolerance of bits/dim", check=_positive),
+    _K("eval.bpd_atol", 1e-5, "float", "ODE absolute tolerance of bits/dim", check=_positive),
+    _K("eval.bpd_max_examples", 0, "int", "examples of bits/dim; 0: the whole split", check=_non_negative),
+    _K("eval.bpd_dequantization_draws", 1, "int", "dequantization draws averaged per example", check=_positive),
+
+    # data
+    _K("data.dataset", "digits", "str", "data set name (case-insensitive; score_sde's CIFAR10, SVHN, CELEBA, "
+       "LSUN too)", choices="dataset"),
+    _K("data.data_dir", "", "str", "TFDS data directory; '': $DIFFUSION_JAX_DATA_DIR, else TFDS's default"),
+    _K("data.image_size", 8, "int", "image side in pixels; None: the data set's own", optional=True,
+       check=_positive),
+    _K("data.num_channels", 1, "int", "image channels, checked against the data; None: the data's own",
+       optional=True, check=_positive),
+    _K("data.random_flip", False, "bool", "random horizontal flips in training"),
+    _K("data.centered", True, "bool", "values in [-1, 1] instead of [0, 1]"),
+    _K("data.uniform_dequantization", False, "bool", "(k + u) / L instead of k / (L - 1) in training"),
+    _K("data.category", "", "str", "LSUN category, e.g. 'bedroom'"),
+    _K("data.folder_path", "", "str", "image folder (dataset = 'folder')"),
+    _K("data.num_levels", None, "int", "requantise to this many grey levels; None: the data's own", optional=True,
+       check=_at_least(2)),
+    _K("data.seed", None, "int", "shuffling and augmentation seed; None: seed", optional=True,
+       check=_non_negative),
+    _K("data.num_threads", None, "int", "Grain read threads; None: automatic", optional=True, check=_non_negative),
+    _K("data.num_workers", 0, "int", "Grain worker processes", check=_non_negative),
+    _K("data.shuffle_buffer", None, "int", "accepted for score_sde configs; epochs are exact permutations",
+       optional=True),
+    _K("data.tfrecords_path", "", "str", "score_sde's FFHQ / CelebA-HQ TFRecords: not supported (needs "
+       "TensorFlow); must stay ''",
+       check=lambda v: None if not v else "is not supported (TFRecords need TensorFlow); use dataset = 'folder'"),
+
+    # model: the network
+    _K("model.name", "ncsnpp", "str", "the network", choices="model"),
+    _K("model.output", "", "str", "what the network predicts; '': score_sde's convention for the SDE",
+       choices="output"),
+    _K("model.noise_cond", "", "str", "the network's noise input; '': score_sde's convention", choices="noise_cond"),
+    _K("model.sigma_data", 0.5, "float", "EDM's sigma_data (preconditioning and weighting)", check=_positive),
+    _K("model.nf", 128, "int", "base channel count", check=_positive),
+    _K("model.ch_mult", (1, 2, 2, 2), "ints", "channel multiplier per resolution", check=_non_empty),
+    _K("model.num_res_blocks", 4, "int", "residual blocks per resolution", check=_positive),
+    _K("model.attn_resolutions", (16,), "ints", "resolutions with self-attention", check=_all_at_least(1)),
+    _K("model.dropout", 0.1, "float", "dropout rate", check=_unit),
+    _K("model.resamp_with_conv", True, "bool", "convolutions in up- and down-sampling"),
+    _K("model.conditional", True, "bool", "noise-conditional network"),
+    _K("model.fir", True, "bool", "FIR up- and down-sampling (NCSN++)"),
+    _K("model.fir_kernel", (1, 3, 3, 1), "ints", "FIR taps", check=_all_at_least(0)),
+    _K("model.skip_rescale", True, "bool", "scale skip connections by 1/sqrt(2)"),
+    _K("model.resblock_type", "biggan", "str", "NCSN++ residual blocks", choices=("ddpm", "biggan")),
+    _K("model.progressive", "none", "str", "NCSN++ progressive output", choices=("none", "output_skip", "residual")),
+    _K("model.progressive_input", "residual", "str", "NCSN++ progressive input",
+       choices=("none", "input_skip", "residual")),
+    _K("model.progressive_combine", "sum", "str", "NCSN++ progressive combination", choices=("sum", "cat")),
+    _K("model.attention_type", "ddpm", "str", "attention block", choices=("ddpm",)),
+    _K("model.init_scale", 0.0, "float", "scale of the last layers' initialisation", check=_non_negative),
+    _K("model.embedding_type", "fourier", "str", "noise embedding", choices=("fourier", "positional")),
+    _K("model.fourier_scale", 16.0, "float", "scale of the Fourier features", check=_positive),
+    _K("model.conv_size", 3, "int", "convolution size (NCSN++ implements 3 only)", check=lambda v: None if v == 3
+       else "must be 3 (score_sde's NCSN++ only implements 3x3 convolutions)"),
+    _K("model.scale_by_sigma", True, "bool", "divide the output by sigma (VE score networks)"),
+    _K("model.normalization", "GroupNorm", "str", "normalisation (GroupNorm for the U-Nets, InstanceNorm++ for "
+       "NCSNv2)", choices=("GroupNorm", "InstanceNorm++")),
+    _K("model.nonlinearity", "swish", "str", "activation", choices="activation"),
+    _K("model.interpolation", "bilinear", "str", "NCSNv2 up-sampling",
+       choices=("bilinear", "bilinear_half_pixel", "nearest_neighbor")),
+    _K("model.num_classes", 0, "int", "> 0: class-conditional with a reserved null label", check=_non_negative),
+    _K("model.cross_attn_resolutions", (), "ints", "resolutions with cross-attention to a context",
+       check=_all_at_least(1)),
+    _K("model.cross_attn_heads", 1, "int", "heads of the cross-attention", check=_positive),
+    _K("model.context_dim", None, "int", "width of the cross-attention context; None: no context", optional=True,
+       check=_positive),
+    _K("model.remat", False, "bool", "recompute each block's activations in the backward pass"),
+    _K("model.dtype", "float32", "str", "compute dtype (parameters stay float32)", choices=("float32", "bfloat16")),
+    # model: the SDE's parameters (score_sde keeps them here)
+    _K("model.sigma_min", 0.01, "float", "VE / EDM smallest noise level", check=_positive),
+    _K("model.sigma_max", 50.0, "float", "VE / EDM largest noise level", check=_positive),
+    _K("model.num_scales", 1000, "int", "N of the discrete chains and score_sde's grids", check=_positive),
+    _K("model.beta_min", 0.1, "float", "VP / sub-VP beta(0)", check=_positive),
+    _K("model.beta_max", 20.0, "float", "VP / sub-VP beta(1)", check=_positive),
+    _K("model.cosine_s", 0.008, "float", "offset s of the cosine schedule", check=_positive),
+    _K("model.T", 0.0, "float", "end time; 0: the SDE's default", check=_non_negative),
+    _K("model.sampling_eps", 0.0, "float", "smallest sampling time t_min; 0: the SDE's default",
+       check=_non_negative),
+    # model: the EMA
+    _K("model.ema_rate", 0.9999, "float", "EMA decay per step", check=_unit),
+    _K("model.ema_warmup", False, "bool", "EMA decay min(rate, (1 + step) / (10 + step))"),
+
+    # optim
+    _K("optim.optimizer", "Adam", "str", "Adam (L2 weight decay) or AdamW (decoupled)", choices=("Adam", "AdamW")),
+    _K("optim.lr", 2e-4, "float", "peak learning rate", check=_positive),
+    _K("optim.beta1", 0.9, "float", "Adam beta1", check=_unit),
+    _K("optim.beta2", 0.999, "float", "Adam beta2", check=_unit),
+    _K("optim.eps", 1e-8, "float", "Adam epsilon", check=_positive),
+    _K("optim.weight_decay", 0.0, "float", "weight decay", check=_non_negative),
+    _K("optim.warmup", 5000, "int", "steps of linear learning-rate warm-up", check=_non_negative),
+    _K("optim.grad_clip", 1.0, "float", "clip the global gradient norm to this; < 0: no clipping"),
+
+    # distributed
+    _K("distributed.coordinator_address", "", "str", "host:port of process 0; '': from the environment (TPU "
+       "pods, SLURM) or a single process"),
+    _K("distributed.num_processes", 0, "int", "number of processes; 0: from the environment", check=_non_negative),
+    _K("distributed.process_id", -1, "int", "this process's index; -1: from the environment"),
+    _K("distributed.initialization_timeout", 300, "int", "seconds to wait for the other processes",
+       check=_positive),
+)
+# fmt: on
+
+_BY_PATH: dict[str, Key] = {k.path: k for k in SCHEMA}
+
+# Case-insensitive names (score_sde writes 'GroupNorm', 'Adam', 'CIFAR10').
+_CASE_INSENSITIVE = {"model.normalization", "optim.optimizer", "data.dataset", "training.sde", "model.name"}
+
+
+def _placeholder_type(kind: str) -> type:
+    return {"int": int, "float": float, "bool": bool, "str": str, "ints": tuple}[kind]
+
+
 def default_config() -> ml_collections.ConfigDict:
     """Every key a config may set, with its default (score_sde's names and defaults where they exist)."""
     config = ml_collections.ConfigDict()
-    config.seed = 42
+    for section in SECTIONS:
+        if section:
+            config[section] = ml_collections.ConfigDict()
+    for key in SCHEMA:
+        target = config[key.section] if key.section else config
+        target[key.name] = placeholder(_placeholder_type(key.kind)) if key.default is None else key.default
+    return config
 
-    config.training = training = ml_collections.ConfigDict()
-    training.batch_size = 128  # global batch over all devices and hosts
-    training.n_iters = 1300001  # optimizer steps
-    training.snapshot_freq = 50000  # kept checkpoint series
-    training.log_freq = 50
-    training.eval_freq = 100
-    training.snapshot_freq_for_preemption = 10000  # the frequent "latest" checkpoint
-    training.snapshot_sampling = True  # sample grid at every snapshot
-    training.n_jitted_steps = 1  # optimizer steps per jitted call
-    training.sde = "vesde"
-    training.continuous = True
-    training.reduce_mean = False
-    training.likelihood_weighting = False  # score_sde's switch; same as weighting = "likelihood"
-    training.weighting = "sigma2"  # losses.WEIGHTINGS
-    training.time_sampler = "uniform"  # losses.TIME_SAMPLERS
-    training.eps = 1e-5  # smallest training time (score_sde: 1e-5 for every SDE)
-    training.min_snr_gamma = 5.0
-    training.p_mean = -1.2  # EDM log-normal time sampler
-    training.p_std = 1.2
-    training.grad_accum_steps = 1  # micro-batches per optimizer step
-    training.nan_policy = "skip"  # skip | stop: what a non-finite loss or gradient does
-    training.max_consecutive_nan = 20  # with "skip": stop after this many in a row
-    training.max_to_keep = 2  # recent preemption checkpoints kept besides the snapshot series
-    training.async_checkpointing = True
-    training.class_dropout = 0.1  # classifier-free guidance: label-drop probability (class-conditional models)
-    training.snapshot_samples = 64  # images in the snapshot sample grid
 
-    config.sampling = sampling = ml_collections.ConfigDict()
-    # Keys set to None use the chosen sampler's own default.
-    sampling.method = "pc"  # samplers.SAMPLERS
-    sampling.predictor = "euler_maruyama"  # pc: samplers.PREDICTORS
-    sampling.corrector = "none"  # pc: samplers.CORRECTORS
-    sampling.n_steps_each = 1  # pc: corrector steps per predictor step
-    sampling.noise_removal = True  # final denoising step (score_sde); the samplers' `denoise`
-    sampling.probability_flow = False  # pc: predictor on the probability-flow ODE
-    sampling.snr = 0.16  # pc: Langevin signal-to-noise ratio
-    sampling.num_steps = 0  # 0: the SDE's N (score_sde's num_scales), or 1000
-    sampling.grid = ""  # "": the sampler's default; else samplers.GRIDS
-    sampling.rho = 7.0  # karras grid
-    sampling.rtol = 1e-5  # ode
-    sampling.atol = 1e-5  # ode
-    sampling.ode_solver = "dopri5"  # ode: dopri5 | tsit5
-    sampling.eta = placeholder(float)  # ddim / ddpm / sde_dpmpp_2m noise scale
-    sampling.s_churn = placeholder(float)  # heun / edm (Karras et al. 2022, Alg. 2)
-    sampling.s_tmin = placeholder(float)
-    sampling.s_tmax = placeholder(float)
-    sampling.s_noise = placeholder(float)
-    sampling.order = placeholder(int)  # unipc / ipndm / dpm-solver order where selectable
-    sampling.thresholding = "none"  # none | static | dynamic (samplers that predict data)
-    sampling.dynamic_threshold_p = 0.995
-    sampling.guidance_scale = 0.0  # classifier-free guidance weight (class-conditional models)
-    sampling.batch_size = 64  # samples per sampler call in eval / sample modes
-
-    config.eval = evaluate = ml_collections.ConfigDict()
-    evaluate.begin_ckpt = 0  # first checkpoint step to evaluate (0: all)
-    evaluate.end_ckpt = -1  # last (-1: latest)
-    evaluate.batch_size = 512
-    evaluate.enable_loss = True
-    evaluate.enable_sampling = False
-    evaluate.num_samples = 64
-    evaluate.enable_bpd = False
-    evaluate.bpd_dataset = "test"
-    evaluate.bpd_num_probes = 1
-    evaluate.bpd_estimator = "hutchinson_rademacher"
-    evaluate.bpd_rtol = 1e-5
-    evaluate.bpd_atol = 1e-5
-    evaluate.bpd_max_examples = 0  # 0: the whole split
-    evaluate.bpd_dequantization_draws = 1
-
-    config.data = data = ml_collections.ConfigDict()
-    data.dataset = "digits"  # data.DATASETS (case-insensitive; score_sde's CIFAR10, SVHN, CELEBA, LSUN too)
-    data.data_dir = ""  # "" : $DIFFUSION_JAX_DATA_DIR or TFDS's default
-    data.image_size = 8
-    data.num_channels = 1
-    data.random_flip = False
-    data.centered = True
-    data.uniform_dequantization = False
-    data.category = ""  # LSUN category
-    data.folder_path = ""  # image-folder data set
-    data.num_levels = placeholder(int)  # requantise to fewer grey levels (None: the data's own)
-    data.seed = placeholder(int)  # None: config.seed
-    data.num_threads = placeholder(int)  # Grain read threads (None: automatic)
-    data.num_workers = 0  # Grain worker processes
-    data.shuffle_buffer = placeholder(int)  # accepted for score_sde configs; epochs are exact permutations
-    data.tfrecords_path = ""  # score_sde's FFHQ / CelebA-HQ: not supported (needs TensorFlow)
-
-    config.model = model = ml_collections.ConfigDict()
-    model.name = "ncsnpp"
-    model.output = ""  # "" : score_sde's convention for the SDE; else parametrization.OUTPUTS
-    model.noise_cond = ""  # "" : score_sde's convention; else parametrization.NOISE_CONDITIONINGS
-    model.sigma_data = 0.5
-    model.sigma_min = 0.01
-    model.sigma_max = 50.0
-    model.num_scales = 1000
-    model.beta_min = 0.1
-    model.beta_max = 20.0
-    model.cosine_s = 0.008
-    model.T = 0.0  # 0: the SDE's default end time
-    model.sampling_eps = 0.0  # 0: the SDE's default t_min
-    model.ema_rate = 0.9999
-    model.ema_warmup = False
-    model.dropout = 0.1
-    model.embedding_type = "fourier"
-    model.nf = 128
-    model.ch_mult = (1, 2, 2, 2)
-    model.num_res_blocks = 4
-    model.attn_resolutions = (16,)
-    model.resamp_with_conv = True
-    model.conditional = True
-    model.fir = True
-    model.fir_kernel = (1, 3, 3, 1)
-    model.skip_rescale = True
-    model.resblock_type = "biggan"
-    model.progressive = "none"
-    model.progressive_input = "residual"
-    model.progressive_combine = "sum"
-    model.attention_type = "ddpm"
-    model.init_scale = 0.0
-    model.fourier_scale = 16.0
-    model.conv_size = 3
-    model.scale_by_sigma = True
-    model.normalization = "GroupNorm"
-    model.nonlinearity = "swish"
-    model.num_classes = 0  # > 0: class-conditional with a reserved null label
-    model.cross_attn_resolutions = ()
-    model.context_dim = placeholder(int)  # None: no cross-attention context; else >= 1
-    model.remat = False
-    model.dtype = "float32"  # compute dtype; parameters stay float32
-
-    config.optim = optim = ml_collections.ConfigDict()
-    optim.optimizer = "Adam"
-    optim.lr = 2e-4
-    optim.beta1 = 0.9
-    optim.beta2 = 0.999
-    optim.eps = 1e-8
-    optim.weight_decay = 0.0
-    optim.warmup = 5000
-    optim.grad_clip = 1.0
-
-    config.distributed = dist = ml_collections.ConfigDict()
-    dist.coordinator_address = ""  # "" : from the environment (TPU pods, SLURM) or single process
-    dist.num_processes = 0
-    dist.process_id = -1
-    dist.initialization_timeout = 300
+def with_defaults(partial: ml_collections.ConfigDict | dict) -> ml_collections.ConfigDict:
+    """The schema's defaults overridden by a partial config (e.g. score_sde's ``model`` and ``data``
+    sections alone): how code that builds one part takes a config that names only that part."""
+    config = default_config()
+    flat = _flatten(partial if isinstance(partial, dict) else partial.to_dict())
+    for path, value in flat.items():
+        section, _, name = path.rpartition(".")
+        if section and section not in config:
+            config[section] = ml_collections.ConfigDict()
+        target = config[section] if section else config
+        with target.ignore_type():
+            target[name] = value
     return config
 
 
 def load_config(path: str, relative_to: str | None = None) -> ml_collections.ConfigDict:
     """``get_config()`` of the config file at ``path`` (relative to the file ``relative_to``,
-    e.g. ``__file__``): how a variant config starts from its base without import paths."""
-    import os
-    import runpy
-
+    e.g. ``__file__``): how a variant config starts from its base without import paths. A missing
+    file, a file without ``get_config`` or one that raises gives a :class:`ConfigError`."""
     if relative_to is not None:
         path = os.path.join(os.path.dirname(os.path.abspath(relative_to)), path)
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         raise ConfigError(f"config file {path} does not exist")
-    module = runpy.run_path(path)
-    if "get_config" not in module:
-        raise ConfigError(f"config file {path} defines no get_config()")
-    return module["get_config"]()
+    try:
+        module = runpy.run_path(path)
+        if "get_config" not in module:
+            raise ConfigError(f"config file {path} defines no get_config()")
+        config = module["get_config"]()
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 (a user's file: report any error as one message)
+        raise ConfigError(f"config file {path} raised {type(e).__name__}: {e}") from None
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"get_config() of {path} returned {type(config).__name__}, not an ml_collections.ConfigDict")
+    return config
+
+
+def to_python(config: ml_collections.ConfigDict, *, title: str = "A resolved diffusion_jax config.") -> str:
+    """The config as a config file: every schema key set explicitly, loadable with ``--config``."""
+    flat = _flatten(config.to_dict())
+    lines = [
+        f'"""{title}"""',
+        "",
+        "from diffusion_jax.builders.config import default_config",
+        "",
+        "",
+        "def get_config():",
+        "    config = default_config()",
+    ]
+    for key in SCHEMA:
+        value = flat.get(key.path, key.default)
+        if isinstance(value, list):
+            value = tuple(value)
+        lines.append(f"    config.{key.path} = {value!r}")
+    lines += ["    return config", ""]
+    return "\n".join(lines)
+
+
+def _allowed(key: Key) -> str:
+    if key.choices is None:
+        return ""
+    if isinstance(key.choices, str):
+        names = registries()[key.choices] if key.choices != "dataset" else None
+        if names is None:
+            return "a data set name (docs/data.md)"
+        return ", ".join(f"`{n}`" for n in names)
+    return ", ".join(f"`{n}`" for n in key.choices)
+
+
+def markdown() -> str:
+    """``docs/config.md``: every key of the schema with its type, default and meaning."""
+    out = [
+        "# Config keys",
+        "",
+        "Generated from the schema in `diffusion_jax/builders/config.py` by `python scripts/generate_docs.py`;",
+        "a test fails when this file is stale. Set a key in a config file (`config.training.batch_size = 64`)",
+        "or on the command line (`--config.training.batch_size=64`); `--print_config` prints the resolved",
+        "config. Values are checked before any work: an unknown key, a wrong type or an impossible value",
+        "stops the run with one message (exit status 2).",
+        "",
+    ]
+    for section, what in SECTIONS.items():
+        keys = [k for k in SCHEMA if k.section == section]
+        out += [f"## `{section or 'top level'}`: {what}" if section else f"## Top level: {what}", ""]
+        out += ["| key | type | default | meaning |", "|---|---|---|---|"]
+        for k in keys:
+            default = "None" if k.default is None else repr(tuple(k.default) if k.kind == "ints" else k.default)
+            meaning = k.help
+            allowed = _allowed(k)
+            if allowed:
+                meaning += f"; one of {allowed}"
+            out.append(f"| `{k.path}` | {k.type_name} | `{default}` | {meaning.replace('|', '/')} |")
+        out.append("")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Overrides (command line)
+# --------------------------------------------------------------------------------------------
+
+
+def _closest(path: str) -> str:
+    close = difflib.get_close_matches(path, list(_BY_PATH), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def parse_override(path: str, text: str) -> Any:
+    """The value of ``--config.<path>=<text>`` typed by the schema; a ConfigError for an unknown
+    key (naming the closest one) or a value of the wrong type."""
+    key = _BY_PATH.get(path)
+    if key is None:
+        raise ConfigError(f"unknown config key {path!r}{_closest(path)}; the keys are listed in docs/config.md")
+    raw = text.strip()
+    if key.optional and raw.lower() == "none":
+        return None
+    try:
+        if key.kind == "bool":
+            low = raw.lower()
+            if low in ("true", "1", "yes"):
+                return True
+            if low in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if key.kind == "int":
+            return int(raw)
+        if key.kind == "float":
+            return float(raw)
+        if key.kind == "ints":
+            value = ast.literal_eval(raw if raw.startswith(("(", "[")) else f"({raw},)")
+            if isinstance(value, int):
+                value = (value,)
+            if not isinstance(value, (tuple, list)) or not all(isinstance(i, int) for i in value):
+                raise ValueError
+            return tuple(value)
+        return text
+    except (ValueError, SyntaxError):
+        expected = {"bool": "True or False", "int": "an integer", "float": "a number", "ints": "integers like (1, 2)"}
+        extra = " or None" if key.optional else ""
+        raise ConfigError(f"--config.{path}={text}: expected {expected[key.kind]}{extra}") from None
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[tuple[str, str]]) -> None:
+    """Set ``(dotted key, text)`` pairs on ``config`` (in place), typed by the schema."""
+    for path, text in overrides:
+        value = parse_override(path, text)
+        section, _, name = path.rpartition(".")
+        target = config[section] if section else config
+        if section and section not in config:
+            raise ConfigError(f"the config has no {section!r} section")
+        with target.ignore_type():
+            target[name] = value
 
 
 # --------------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------------
-
-
-def config_to_dict(config: ml_collections.ConfigDict) -> dict:
-    return config.to_dict()
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -227,119 +523,146 @@ def config_diff(
     return [n for n in names if norm(fa.get(n, "<missing>")) != norm(fb.get(n, "<missing>"))]
 
 
-def _unknown_keys(config: dict, schema: dict, prefix: str = "") -> list[str]:
-    problems = []
-    for k, v in config.items():
-        path = f"{prefix}{k}"
-        if k not in schema:
-            close = difflib.get_close_matches(k, list(schema), n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-            valid = ", ".join(sorted(schema))
-            problems.append(f"unknown key {path!r}{hint}; valid keys in {prefix.rstrip('.') or 'the config'}: {valid}")
-        elif isinstance(schema[k], dict):
-            if not isinstance(v, dict):
-                problems.append(f"{path!r} must be a section (ConfigDict), got {v!r}")
-            else:
-                problems.extend(_unknown_keys(v, schema[k], path + "."))
-    return problems
+def registries() -> dict[str, list[str]]:
+    """Valid names of the registry-backed keys, from the library's literal registries."""
+    from diffusion_jax import likelihood, losses, models, parametrization, samplers, sde
+    from diffusion_jax.data import datasets
+    from diffusion_jax.models.layers import ACTIVATIONS
 
-
-def _one_of(name: str, allowed: Iterable[str]) -> Callable[[Any], str | None]:
-    allowed = list(allowed)
-    lowered = {a.lower() for a in allowed}
-
-    def check(value):
-        if not isinstance(value, str) or value.lower() not in lowered:
-            return f"{name} = {value!r} is not allowed; valid: {', '.join(allowed)}"
-        return None
-
-    return check
-
-
-def _positive(name: str, *, allow_zero: bool = False):
-    def check(value):
-        ok = isinstance(value, (int, float)) and (value >= 0 if allow_zero else value > 0)
-        return None if ok else f"{name} = {value!r} must be {'>= 0' if allow_zero else '> 0'}"
-
-    return check
-
-
-def validate_config(config: ml_collections.ConfigDict, *, registries: dict[str, Iterable[str]] | None = None) -> None:
-    """Check a config against the schema and the library's registries; raise one ConfigError
-    listing every problem found.
-
-    ``registries`` maps "sde", "model", "sampler", "dataset", "weighting", "time_sampler",
-    "predictor", "corrector", "grid" to their valid names (the builders pass them in, so this
-    module does not import the library).
-    """
-    cfg = config.to_dict()
-    problems = _unknown_keys(cfg, default_config().to_dict())
-    registries = registries or {}
-    checks: dict[str, Callable[[Any], str | None]] = {
-        "training.batch_size": _positive("training.batch_size"),
-        "training.n_iters": _positive("training.n_iters", allow_zero=True),
-        "training.snapshot_freq": _positive("training.snapshot_freq"),
-        "training.snapshot_freq_for_preemption": _positive("training.snapshot_freq_for_preemption"),
-        "training.log_freq": _positive("training.log_freq"),
-        "training.eval_freq": _positive("training.eval_freq"),
-        "training.n_jitted_steps": _positive("training.n_jitted_steps"),
-        "training.grad_accum_steps": _positive("training.grad_accum_steps"),
-        "training.nan_policy": _one_of("training.nan_policy", ["skip", "stop"]),
-        "training.eps": _positive("training.eps"),
-        "training.max_to_keep": _positive("training.max_to_keep"),
-        "training.class_dropout": lambda v: None if 0 <= v < 1 else f"training.class_dropout = {v!r} must be in [0, 1)",
-        "eval.batch_size": _positive("eval.batch_size"),
-        "sampling.batch_size": _positive("sampling.batch_size"),
-        "sampling.num_steps": _positive("sampling.num_steps", allow_zero=True),
-        "sampling.rtol": _positive("sampling.rtol"),
-        "sampling.atol": _positive("sampling.atol"),
-        "sampling.ode_solver": _one_of("sampling.ode_solver", ["dopri5", "tsit5"]),
-        "sampling.n_steps_each": _positive("sampling.n_steps_each"),
-        "sampling.snr": _positive("sampling.snr", allow_zero=True),
-        "sampling.thresholding": _one_of("sampling.thresholding", ["none", "static", "dynamic"]),
-        "optim.optimizer": _one_of("optim.optimizer", ["Adam", "AdamW"]),
-        "optim.lr": _positive("optim.lr"),
-        "optim.warmup": _positive("optim.warmup", allow_zero=True),
-        "model.ema_rate": lambda v: None if 0 <= v < 1 else f"model.ema_rate = {v!r} must be in [0, 1)",
-        "model.dtype": _one_of("model.dtype", ["float32", "bfloat16"]),
-        "model.dropout": lambda v: None if 0 <= v < 1 else f"model.dropout = {v!r} must be in [0, 1)",
-        "data.image_size": _positive("data.image_size"),
-        "data.num_channels": _positive("data.num_channels"),
+    return {
+        "sde": list(sde.SDES),
+        "model": list(models.MODELS),
+        "sampler": list(samplers.SAMPLERS),
+        "predictor": list(samplers.PREDICTORS),
+        "corrector": list(samplers.CORRECTORS),
+        "grid": list(samplers.GRIDS),
+        "weighting": list(losses.WEIGHTINGS),
+        "time_sampler": list(losses.TIME_SAMPLERS),
+        "output": list(parametrization.OUTPUTS),
+        "noise_cond": list(parametrization.NOISE_CONDITIONINGS),
+        "estimator": list(likelihood.ESTIMATORS),
+        "activation": list(ACTIVATIONS),
+        "dataset": list(datasets.DATASETS),
     }
-    for key, registry in (
-        ("training.sde", "sde"),
-        ("model.name", "model"),
-        ("sampling.method", "sampler"),
-        ("data.dataset", "dataset"),
-        ("training.weighting", "weighting"),
-        ("training.time_sampler", "time_sampler"),
-        ("sampling.predictor", "predictor"),
-        ("sampling.corrector", "corrector"),
-        ("sampling.grid", "grid"),
-        ("model.output", "output"),
-        ("model.noise_cond", "noise_cond"),
-    ):
-        if registry in registries:
-            names = list(registries[registry])
-            if key in ("model.output", "model.noise_cond", "sampling.grid"):
-                names = [""] + names
-            checks[key] = _one_of(key, names)
-    flat = _flatten(cfg)
-    for key, check in checks.items():
-        if key in flat:
+
+
+def _type_ok(key: Key, v: Any) -> bool:
+    if v is None:
+        return key.optional
+    if key.kind == "bool":
+        return isinstance(v, bool)
+    if key.kind == "int":
+        return isinstance(v, int) and not isinstance(v, bool)
+    if key.kind == "float":
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+    if key.kind == "str":
+        return isinstance(v, str)
+    return isinstance(v, (tuple, list)) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+
+
+def _choice_problem(key: Key, v: str, regs: dict[str, list[str]]) -> str | None:
+    if key.choices is None:
+        return None
+    if isinstance(key.choices, str):
+        if key.choices == "dataset":
+            from diffusion_jax.data.datasets import canonical_name
+
             try:
-                msg = check(flat[key])
-            except TypeError:
-                msg = f"{key} = {flat[key]!r} has the wrong type"
+                canonical_name(v)
+            except ValueError as e:
+                return f"{key.path} = {v!r}: {e}"
+            return None
+        allowed = list(regs[key.choices])
+    else:
+        allowed = list(key.choices)
+    if key.path in ("model.output", "model.noise_cond", "sampling.grid"):
+        allowed = ["", *allowed]
+    folded = v.lower() if key.path in _CASE_INSENSITIVE else v
+    pool = [a.lower() for a in allowed] if key.path in _CASE_INSENSITIVE else allowed
+    if folded not in pool:
+        return f"{key.path} = {v!r} is not allowed; valid: {', '.join(repr(a) if not a else a for a in allowed)}"
+    return None
+
+
+def _unknown_keys(cfg: dict) -> list[str]:
+    problems = []
+    for path in _flatten(cfg):
+        if path not in _BY_PATH:
+            section = path.rpartition(".")[0]
+            if section and section not in SECTIONS:
+                head = path.split(".")[0]
+                close = difflib.get_close_matches(head, [s for s in SECTIONS if s], n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                problems.append(f"unknown section {head!r}{hint}; valid: {', '.join(s for s in SECTIONS if s)}")
+                continue
+            valid = ", ".join(k.name for k in SCHEMA if k.section == section)
+            problems.append(f"unknown key {path!r}{_closest(path)}; valid keys in {section or 'the config'}: {valid}")
+    return sorted(set(problems), key=problems.index)
+
+
+# Checks that involve several keys. Each returns a message or None; they run only when every key
+# has the right type.
+def _cross_field_checks(c: dict[str, Any]) -> list[str]:
+    out = []
+    if c["training.likelihood_weighting"] and c["training.weighting"] not in ("sigma2", "likelihood"):
+        out.append(
+            "training.likelihood_weighting = True conflicts with training.weighting = "
+            f"{c['training.weighting']!r}; set only one of them"
+        )
+    if not c["training.continuous"] and c["training.sde"].lower() not in ("vesde", "vpsde"):
+        out.append(
+            "training.continuous = False (discrete training) is defined for vesde (SMLD) and vpsde (DDPM), "
+            f"not {c['training.sde']!r}"
+        )
+    if bool(c["model.output"]) != bool(c["model.noise_cond"]):
+        out.append("set both model.output and model.noise_cond, or neither (score_sde's convention)")
+    if c["model.sigma_min"] >= c["model.sigma_max"]:
+        out.append(f"model.sigma_min = {c['model.sigma_min']} must be below model.sigma_max = {c['model.sigma_max']}")
+    if c["model.beta_min"] >= c["model.beta_max"]:
+        out.append(f"model.beta_min = {c['model.beta_min']} must be below model.beta_max = {c['model.beta_max']}")
+    if c["model.cross_attn_resolutions"] and c["model.context_dim"] is None:
+        out.append("model.cross_attn_resolutions needs model.context_dim (the width of the context)")
+    if c["training.eps"] >= 1.0 and c["training.sde"].lower() != "edm":
+        out.append(f"training.eps = {c['training.eps']} must be below the end time 1")
+    return out
+
+
+def validate_config(config: ml_collections.ConfigDict | dict, *, build: bool = True) -> None:
+    """Check a config against the schema; raise one ConfigError listing every problem.
+
+    In order: unknown keys, each key's type, each key's value and name, the checks across keys,
+    then (``build=True``) that the SDE, parametrization, network, loss and sampler build from it
+    (their constructors check what only they know, e.g. which resolutions a U-Net reaches). All of
+    this is cheap and runs before any work."""
+    cfg = config if isinstance(config, dict) else config.to_dict()
+    problems = _unknown_keys(cfg)
+    flat = _flatten(cfg)
+    regs = registries()
+    typed = True
+    for key in SCHEMA:
+        if key.path not in flat:
+            problems.append(f"{key.path} is missing (start configs from default_config())")
+            typed = False
+            continue
+        v = flat[key.path]
+        if not _type_ok(key, v):
+            problems.append(f"{key.path} = {v!r} has the wrong type; expected {key.type_name}")
+            typed = False
+            continue
+        if v is None:
+            continue
+        msg = key.check(v) if key.check else None
+        if msg:
+            problems.append(f"{key.path} = {v!r} {msg}")
+        if key.kind == "str":
+            msg = _choice_problem(key, v, regs)
             if msg:
                 problems.append(msg)
-    if flat.get("training.likelihood_weighting") and flat.get("training.weighting") not in ("sigma2", "likelihood"):
-        problems.append(
-            "training.likelihood_weighting = True conflicts with training.weighting = "
-            f"{flat.get('training.weighting')!r}; set only one of them"
-        )
-    grad_clip = flat.get("optim.grad_clip")
-    if grad_clip is not None and not isinstance(grad_clip, (int, float)):
-        problems.append(f"optim.grad_clip = {grad_clip!r} must be a number (< 0 disables clipping)")
+    if typed and not problems:
+        problems.extend(_cross_field_checks(flat))
+    if build and not problems:
+        from diffusion_jax.builders.experiment import check_buildable
+
+        problems.extend(check_buildable(config if not isinstance(config, dict) else ml_collections.ConfigDict(config)))
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))

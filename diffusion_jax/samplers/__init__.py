@@ -5,13 +5,15 @@
 and NFE, and the benchmark.
 """
 
-from diffusion_jax.samplers.api import SAMPLERS, get_sampler, sample
+from diffusion_jax.samplers.api import SAMPLERS, get_sampler, sample, sampler_fields
 from diffusion_jax.samplers.base import (
     THRESHOLDINGS,
     DynamicThreshold,
+    FixedGridSampler,
     Model,
     NoiseSource,
     SampleInfo,
+    Sampler,
     StaticClip,
 )
 from diffusion_jax.samplers.fast import (
@@ -21,6 +23,7 @@ from diffusion_jax.samplers.fast import (
     DPMSolverPP,
     EDMSampler,
     Euler,
+    FastSampler,
     SDEDPMSolverPP,
     UniPC,
 )
@@ -52,6 +55,10 @@ from diffusion_jax.samplers.pc import (
 __all__ = [
     "sample",
     "SAMPLERS",
+    "Sampler",
+    "FixedGridSampler",
+    "FastSampler",
+    "sampler_fields",
     "get_sampler",
     "SampleInfo",
     "Model",

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import parametrization as param_lib
-from diffusion_jax.samplers.base import THRESHOLDINGS, Model, NoiseSource, SampleInfo
+from diffusion_jax import sde as sde_lib
+from diffusion_jax.samplers.base import THRESHOLDINGS, Model, NoiseSource, SampleInfo, Sampler
 from diffusion_jax.samplers.fast import (
     DDIM,
     IPNDM,
@@ -40,7 +41,7 @@ from diffusion_jax.solvers.ode import get_solver
 
 Array = jax.Array
 
-__all__ = ["sample", "SAMPLERS", "get_sampler"]
+__all__ = ["sample", "SAMPLERS", "get_sampler", "sampler_fields"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,6 +67,7 @@ def _pc(
         raise ValueError(f"unknown predictor {predictor!r}; valid names: {', '.join(PREDICTORS)}")
     if corrector not in CORRECTORS:
         raise ValueError(f"unknown corrector {corrector!r}; valid names: {', '.join(CORRECTORS)}")
+    corr: Any
     if corrector == "langevin":
         corr = LangevinCorrector(snr=snr, n_steps=n_steps, norm=norm)
     elif corrector == "annealed_langevin":
@@ -160,19 +162,33 @@ SAMPLERS: dict[str, Callable[..., Any]] = {
 def _valid_arguments(ctor) -> set[str]:
     if isinstance(ctor, _Preset):
         return ctor.fields
-    if inspect.isclass(ctor):
+    if inspect.isclass(ctor) and dataclasses.is_dataclass(ctor):
         return {f.name for f in dataclasses.fields(ctor)}
     return set(inspect.signature(ctor).parameters)
 
 
-def get_sampler(name: str, **kwargs) -> Any:
-    """Build a sampler by name (see :data:`SAMPLERS`). String values are accepted for ``grid``
-    (a :data:`~diffusion_jax.samplers.grids.GRIDS` name), ``thresholding`` (``"static"`` /
+def _constructor(name_or_class: str | type[Sampler]) -> tuple[str, Callable[..., Sampler]]:
+    if inspect.isclass(name_or_class):
+        if not issubclass(name_or_class, Sampler):
+            raise TypeError(f"{name_or_class.__name__} is not a subclass of diffusion_jax.samplers.Sampler")
+        return name_or_class.name or name_or_class.__name__, name_or_class
+    if name_or_class not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name_or_class!r}; valid names: {', '.join(SAMPLERS)}")
+    return name_or_class, SAMPLERS[name_or_class]
+
+
+def sampler_fields(name_or_class: str | type[Sampler]) -> set[str]:
+    """The keyword arguments :func:`get_sampler` accepts for a sampler name or class."""
+    return _valid_arguments(_constructor(name_or_class)[1])
+
+
+def get_sampler(name: str | type[Sampler], **kwargs) -> Sampler:
+    """Build a sampler by name (see :data:`SAMPLERS`) or from a :class:`Sampler` subclass (one
+    defined outside the package too). String values are accepted for ``grid`` (a
+    :data:`~diffusion_jax.samplers.grids.GRIDS` name), ``thresholding`` (``"static"`` /
     ``"dynamic"``) and ``solver`` (``"dopri5"`` / ``"tsit5"``). Unknown sampler names or keyword
     arguments raise an error listing the valid ones."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; valid names: {', '.join(SAMPLERS)}")
-    ctor = SAMPLERS[name]
+    name, ctor = _constructor(name)
     fields = _valid_arguments(ctor)
     unknown = sorted(set(kwargs) - fields)
     if unknown:
@@ -219,7 +235,7 @@ def _sample_impl(
     key, fn_dynamic, sde, sampler, x_init, *, fn_static, shape, dtype, per_sample_keys, return_trajectory, kind
 ):
     fn = _combine(fn_dynamic, fn_static)
-    model = Model(fn, sde, kind=kind, thresholding=getattr(sampler, "thresholding", None))
+    model = Model(fn, sde, kind=kind, thresholding=sampler.prediction_transform())
     noise = NoiseSource(key, shape[0], per_sample_keys)
     x = noise.prior(sde, shape, dtype) if x_init is None else x_init.astype(dtype)
     return sampler.run(model, x, noise, return_trajectory=return_trajectory)
@@ -236,13 +252,14 @@ def sample(
     score_fn: Callable[[Array, Array], Array],
     sde: SDE,
     shape: tuple[int, ...],
-    sampler: Any,
+    sampler: Sampler | str,
     *,
     x_init: Array | None = None,
     dtype: Any = None,
     per_sample_keys: bool = False,
     return_trajectory: bool = False,
     kind: str = "score",
+    **sampler_kwargs: Any,
 ) -> tuple[Array, SampleInfo]:
     """Draw samples by solving the reverse-time dynamics of ``sde`` with ``sampler``.
 
@@ -254,7 +271,8 @@ def sample(
         pytree callable) to pass network parameters as arguments instead.
       sde: the SDE; samplers that need closed-form marginals reject a general SDE.
       shape: the batch shape ``(B, ...)``; any data shape.
-      sampler: a sampler object (e.g. ``get_sampler("dpmpp_2m", num_steps=20)``).
+      sampler: a :class:`Sampler` (e.g. ``get_sampler("dpmpp_2m", num_steps=20)``), or a sampler
+        name, built with ``sampler_kwargs`` (``sample(..., "dpmpp_2m", num_steps=20)``).
       x_init: optional start ``x_T`` of shape ``shape`` (default: drawn from the SDE's prior).
       dtype: data type of the samples (default ``x_init``'s, else float32).
       per_sample_keys: sample ``i`` draws its prior and all its noise from ``fold_in(key, i)``
@@ -276,13 +294,17 @@ def sample(
         raise ValueError(f"shape must be (B, ...) with B >= 1, got {shape}")
     if kind not in param_lib.KINDS:
         raise ValueError(f"unknown prediction kind {kind!r}; valid: {', '.join(param_lib.KINDS)}")
-    if not hasattr(sampler, "run") or not hasattr(sampler, "validate"):
+    if isinstance(sampler, str):
+        sampler = get_sampler(sampler, **sampler_kwargs)
+    elif sampler_kwargs:
+        raise TypeError(f"unexpected keyword argument(s) {sorted(sampler_kwargs)}: sampler options go with a name")
+    if not isinstance(sampler, Sampler):
         raise TypeError(
             f"sampler must be a sampler object (see get_sampler; valid names: "
             f"{', '.join(SAMPLERS)}), got {type(sampler).__name__}"
         )
-    if kind != "score" and not sde.has_marginals:
-        sde._no_marginals(f"a {kind!r} prediction function")
+    if kind != "score":
+        sde_lib.require_marginals(sde, f"a {kind!r} prediction function")
     sampler.validate(sde)
     if x_init is not None:
         x_init = jnp.asarray(x_init)

@@ -1,4 +1,10 @@
-"""Shared pieces of every sampler: the model wrapper, noise sources, run information.
+"""Shared pieces of every sampler: the sampler contract, the model wrapper, noise sources, run
+information.
+
+Every sampler is a frozen pytree that subclasses :class:`Sampler` (fixed-grid samplers subclass
+:class:`FixedGridSampler`): it declares its ``name``, whether it is ``stochastic`` and whether it
+``needs_marginals``, and implements :meth:`Sampler.run`. :func:`diffusion_jax.sample` accepts any
+subclass, including one defined outside the package.
 
 Samplers see the score network only through :class:`Model`, which turns the user's
 ``fn(x, t)`` (a score, or any other prediction kind) into whatever a sampler integrates -- score,
@@ -8,19 +14,24 @@ clipping / dynamic thresholding of the data prediction where a sampler asks for 
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
 from diffusion_jax import parametrization as param_lib
+from diffusion_jax import sde as sde_lib
+from diffusion_jax.samplers.grids import KarrasGrid
 from diffusion_jax.sde import SDE, broadcast_to_data
 
 Array = jax.Array
 
 __all__ = [
+    "Sampler",
+    "FixedGridSampler",
     "SampleInfo",
     "Model",
     "NoiseSource",
@@ -61,8 +72,61 @@ def fixed_info(nfe: int, num_steps: int, trajectory=None) -> SampleInfo:
 
 def require_marginals(sde: SDE, sampler_name: str) -> None:
     """Raise the SDE's MarginalsUnavailableError, naming the sampler, for a general SDE."""
-    if not sde.has_marginals:
-        sde._no_marginals(f"the {sampler_name!r} sampler")
+    sde_lib.require_marginals(sde, f"the {sampler_name!r} sampler")
+
+
+# --------------------------------------------------------------------------------------------
+# The sampler contract
+# --------------------------------------------------------------------------------------------
+
+
+class Sampler(flax.struct.PyTreeNode, abc.ABC):
+    """What every sampler is: a frozen pytree with a :meth:`run` method.
+
+    Class attributes a subclass sets: ``name`` (for messages and the registry), ``stochastic``
+    (whether it draws noise after the prior sample) and ``needs_marginals`` (whether it needs a
+    :class:`~diffusion_jax.sde.LinearSDE`; :meth:`validate` then refuses a general SDE).
+
+    Field shared by all: ``denoise``, a final denoising step (its meaning per sampler is in the
+    sampler's docstring).
+    """
+
+    denoise: bool = flax.struct.field(pytree_node=False, default=False)
+
+    name: ClassVar[str] = ""
+    stochastic: ClassVar[bool] = False
+    needs_marginals: ClassVar[bool] = True
+
+    def validate(self, sde: SDE) -> None:
+        """Raise a ValueError (or MarginalsUnavailableError) if this sampler cannot run on ``sde``."""
+        if self.needs_marginals:
+            require_marginals(sde, self.name or type(self).__name__)
+
+    def is_stochastic(self) -> bool:
+        """Whether :meth:`run` draws noise after the prior sample, with these settings."""
+        return self.stochastic
+
+    def prediction_transform(self) -> Callable[[Array], Array] | None:
+        """Clipping applied to the data prediction (None: none)."""
+        return None
+
+    @abc.abstractmethod
+    def run(
+        self, model: Model, x: Array, noise: NoiseSource, *, return_trajectory: bool = False
+    ) -> tuple[Array, SampleInfo]:
+        """Samples from ``x`` = x_T (shape ``(B, ...)``), traced under ``jit``: ``(x_0, info)``."""
+
+
+class FixedGridSampler(Sampler):
+    """A sampler that steps along a fixed time grid of ``num_steps`` steps (``grid`` gives the
+    times from T to t_min, see :mod:`diffusion_jax.samplers.grids`)."""
+
+    num_steps: int = flax.struct.field(pytree_node=False, default=50)
+    grid: Any = KarrasGrid()
+
+    def __post_init__(self):
+        if int(self.num_steps) < 1:
+            raise ValueError(f"{self.name or type(self).__name__}: num_steps={self.num_steps} is too small; need >= 1")
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,10 +184,10 @@ class Model:
         self.thresholding = thresholding
 
     @staticmethod
-    def _t(x: Array, t: Array) -> Array:
+    def _t(x: Array, t: Array | float) -> Array:
         return jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:1])
 
-    def raw(self, x: Array, t: Array) -> Array:
+    def raw(self, x: Array, t: Array | float) -> Array:
         t = self._t(x, t)
         out = self.fn(x, t)
         if out.shape != x.shape:
@@ -133,18 +197,18 @@ class Model:
     def _convert(self, value, to_kind, x, t):
         return param_lib.convert(value, from_kind=self.kind, to_kind=to_kind, sde=self.sde, x=x, t=t)
 
-    def score(self, x: Array, t: Array) -> Array:
+    def score(self, x: Array, t: Array | float) -> Array:
         """The score; thresholding (if any) is not applied to score-based samplers."""
         t = self._t(x, t)
         return self._convert(self.raw(x, t), "score", x, t)
 
-    def x0(self, x: Array, t: Array) -> Array:
+    def x0(self, x: Array, t: Array | float) -> Array:
         """The data prediction D(x, t) (a denoiser), clipped / thresholded if requested."""
         t = self._t(x, t)
         d = self._convert(self.raw(x, t), "x0", x, t)
         return d if self.thresholding is None else self.thresholding(d)
 
-    def x0_eps(self, x: Array, t: Array) -> tuple[Array, Array]:
+    def x0_eps(self, x: Array, t: Array | float) -> tuple[Array, Array]:
         """``(x0, eps)`` from one evaluation (eps derived from the clipped x0 when thresholding)."""
         t = self._t(x, t)
         raw = self.raw(x, t)
@@ -154,7 +218,7 @@ class Model:
         x0 = self.thresholding(x0)
         return x0, param_lib.convert(x0, from_kind="x0", to_kind="eps", sde=self.sde, x=x, t=t)
 
-    def eps(self, x: Array, t: Array) -> Array:
+    def eps(self, x: Array, t: Array | float) -> Array:
         """The noise prediction, consistent with :meth:`x0` (derived from it when thresholding)."""
         t = self._t(x, t)
         if self.thresholding is None:

@@ -24,15 +24,15 @@ prediction the sampler uses.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.samplers.base import Model, NoiseSource, fixed_info, require_marginals
-from diffusion_jax.samplers.grids import KarrasGrid, LogSNRGrid
+from diffusion_jax.samplers.base import FixedGridSampler, Model, NoiseSource, fixed_info
+from diffusion_jax.samplers.grids import LogSNRGrid
 from diffusion_jax.sde import SDE
 
 Array = jax.Array
@@ -45,6 +45,7 @@ __all__ = [
     "IPNDM",
     "DPMSolverPP",
     "SDEDPMSolverPP",
+    "FastSampler",
     "UniPC",
     "ADAMS_BASHFORTH",
 ]
@@ -70,6 +71,16 @@ def _check_steps(name: str, num_steps: int, minimum: int = 1, why: str = "") -> 
         raise ValueError(f"{name}: num_steps={num_steps} is too small; need >= {minimum}{extra}")
 
 
+class GridPoint(NamedTuple):
+    """One grid point: time, alpha, sigma, half log-SNR lambda = log(alpha / sigma), sigma~ = sigma / alpha."""
+
+    t: Array
+    alpha: Array
+    sigma: Array
+    lam: Array
+    sigma_tilde: Array
+
+
 class _GridCoefs:
     """Per grid point: t, alpha, sigma, half log-SNR lambda = log(alpha / sigma), sigma~."""
 
@@ -82,8 +93,8 @@ class _GridCoefs:
         self.lam = (0.5 * sde.log_snr(ts)).astype(dtype)
         self.sigma_tilde = self.sigma / self.alpha
 
-    def at(self, i):
-        return (self.t[i], self.alpha[i], self.sigma[i], self.lam[i], self.sigma_tilde[i])
+    def at(self, i) -> GridPoint:
+        return GridPoint(self.t[i], self.alpha[i], self.sigma[i], self.lam[i], self.sigma_tilde[i])
 
 
 def _phi(n_max: int, h: Array) -> list[Array]:
@@ -142,13 +153,16 @@ def _concat_traj(first, rest):
     return jnp.concatenate([first[None], rest], axis=0)
 
 
-class _FastSampler(flax.struct.PyTreeNode):
-    """Base of the fixed-grid samplers of this module (all need closed-form marginals)."""
+class FastSampler(FixedGridSampler):
+    """Base of the few-step samplers of this module: a fixed grid (EDM's by default), closed-form
+    marginals, and ``thresholding`` (a :class:`~diffusion_jax.samplers.base.StaticClip` /
+    :class:`~diffusion_jax.samplers.base.DynamicThreshold` or None) applied to every data
+    prediction. ``denoise=True`` adds one final evaluation returning ``D(x, t_min)``."""
 
-    name: ClassVar[str] = ""
+    thresholding: Any = None
 
-    def validate(self, sde: SDE) -> None:
-        require_marginals(sde, self.name)
+    def prediction_transform(self):
+        return self.thresholding
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,7 +170,7 @@ class _FastSampler(flax.struct.PyTreeNode):
 # --------------------------------------------------------------------------------------------
 
 
-class DDIM(_FastSampler):
+class DDIM(FastSampler):
     """DDIM (Song et al. 2021a, eq. 12) with stochasticity eta; ``eta = 1`` is DDPM ancestral
     sampling (the posterior q(x_s | x_t, x0) of Ho et al. 2020, eq. 6-7).
 
@@ -168,16 +182,12 @@ class DDIM(_FastSampler):
     DDIM paper's uniform spacing of VP time. NFE = num_steps (+1 with denoise).
     """
 
-    num_steps: int = flax.struct.field(pytree_node=False, default=50)
     eta: float = 0.0
-    grid: Any = KarrasGrid()
-    denoise: bool = flax.struct.field(pytree_node=False, default=False)
-    thresholding: Any = None
 
     name: ClassVar[str] = "ddim"
 
-    def __post_init__(self):
-        _check_steps(self.name, self.num_steps)
+    def is_stochastic(self) -> bool:
+        return float(self.eta) != 0.0
 
     def run(self, model: Model, x, noise: NoiseSource, *, return_trajectory=False):
         c = _GridCoefs(model.sde, self.grid(model.sde, self.num_steps), x.dtype)
@@ -202,19 +212,11 @@ class DDIM(_FastSampler):
 # --------------------------------------------------------------------------------------------
 
 
-class Euler(_FastSampler):
+class Euler(FastSampler):
     """Euler's method on ``dx~/dsigma~ = (x~ - D) / sigma~`` (Karras et al. 2022, eq. 4; the
     k-diffusion ``sample_euler``). NFE = num_steps (+1 with denoise)."""
 
-    num_steps: int = flax.struct.field(pytree_node=False, default=50)
-    grid: Any = KarrasGrid()
-    denoise: bool = flax.struct.field(pytree_node=False, default=False)
-    thresholding: Any = None
-
     name: ClassVar[str] = "euler"
-
-    def __post_init__(self):
-        _check_steps(self.name, self.num_steps)
 
     def run(self, model: Model, x, noise: NoiseSource, *, return_trajectory=False):
         c = _GridCoefs(model.sde, self.grid(model.sde, self.num_steps), x.dtype)
@@ -228,7 +230,7 @@ class Euler(_FastSampler):
         return _finish(model, x, c, self.denoise, self.num_steps, self.num_steps, traj)
 
 
-class EDMSampler(_FastSampler):
+class EDMSampler(FastSampler):
     """EDM's sampler (Karras et al. 2022, Algorithm 2; Algorithm 1 when ``s_churn = 0``): Heun's
     2nd-order method on the scaled ODE, with optional stochastic churn.
 
@@ -241,18 +243,15 @@ class EDMSampler(_FastSampler):
     """
 
     num_steps: int = flax.struct.field(pytree_node=False, default=18)
-    grid: Any = KarrasGrid()
     s_churn: float = 0.0
     s_tmin: float = 0.0
     s_tmax: float = float("inf")
     s_noise: float = 1.0
-    denoise: bool = flax.struct.field(pytree_node=False, default=False)
-    thresholding: Any = None
 
     name: ClassVar[str] = "heun"
 
-    def __post_init__(self):
-        _check_steps(self.name, self.num_steps)
+    def is_stochastic(self) -> bool:
+        return float(self.s_churn) > 0.0
 
     def run(self, model: Model, x, noise: NoiseSource, *, return_trajectory=False):
         sde = model.sde
@@ -318,10 +317,10 @@ def _variable_ab_weights(order: Array, nodes: Array, target: Array) -> Array:
     active = jnp.arange(m) < order
     w = []
     for j in range(m):
-        total = 0.0
+        total: Any = 0.0
         for u in _GL_NODES:
             s = nodes[0] + (target - nodes[0]) * u
-            basis = 1.0
+            basis: Any = 1.0
             for k in range(m):
                 if k == j:
                     continue
@@ -343,7 +342,7 @@ def _ab_step(x, e, hist, st_hist, w_fixed, order, a_t, st_t, a_s, st_s, variable
     return _scaled_transfer(x, _ab_combine(w, e, hist), a_t, st_t, a_s, st_s)
 
 
-class IPNDM(_FastSampler):
+class IPNDM(FastSampler):
     """Improved PNDM (Zhang & Chen 2022, "Fast sampling of diffusion models with exponential
     integrator" (DEIS), Sec. 5 / App.): explicit Adams-Bashforth on the scaled ODE
     ``dx~/dsigma~ = eps``, starting with lower-order multistep steps (Euler, AB2, AB3) instead of
@@ -358,10 +357,7 @@ class IPNDM(_FastSampler):
 
     num_steps: int = flax.struct.field(pytree_node=False, default=10)
     order: int = flax.struct.field(pytree_node=False, default=4)
-    grid: Any = KarrasGrid()
     variable_step: bool = flax.struct.field(pytree_node=False, default=False)
-    denoise: bool = flax.struct.field(pytree_node=False, default=False)
-    thresholding: Any = None
 
     name: ClassVar[str] = "ipndm"
 
@@ -399,7 +395,7 @@ class IPNDM(_FastSampler):
         return _finish(model, x, c, self.denoise, self.num_steps, self.num_steps, traj)
 
 
-class PLMS(_FastSampler):
+class PLMS(FastSampler):
     """Pseudo linear multistep (PNDM; Liu et al. 2022, eq. 12): 4th-order Adams-Bashforth weights
     on the noise predictions with DDIM's transfer function. The first step is the pseudo improved
     Euler step (a Heun step in the scaled form, 2 evaluations); steps 2 and 3 use AB2 / AB3 while
@@ -408,11 +404,7 @@ class PLMS(_FastSampler):
     NFE = num_steps + 1 (+1 with denoise).
     """
 
-    num_steps: int = flax.struct.field(pytree_node=False, default=50)
-    grid: Any = KarrasGrid()
     variable_step: bool = flax.struct.field(pytree_node=False, default=False)
-    denoise: bool = flax.struct.field(pytree_node=False, default=False)
-    thresholding: Any = None
 
     name: ClassVar[str] = "plms"
 
@@ -468,7 +460,7 @@ def _order_schedule(num_steps: int, order: int, lower_order_final: bool) -> np.n
     return orders.astype(np.int32)
 
 
-class DPMSolverPP(_FastSampler):
+class DPMSolverPP(FastSampler):
     """DPM-Solver++ (Lu et al. 2022b, "DPM-Solver++: fast solver for guided sampling"), the
     data-prediction exponential integrator.
 
@@ -492,8 +484,6 @@ class DPMSolverPP(_FastSampler):
     method: str = flax.struct.field(pytree_node=False, default="multistep")
     grid: Any = LogSNRGrid()
     lower_order_final: bool = flax.struct.field(pytree_node=False, default=True)
-    denoise: bool = flax.struct.field(pytree_node=False, default=False)
-    thresholding: Any = None
 
     name: ClassVar[str] = "dpm_solver++"
 
@@ -568,7 +558,7 @@ class DPMSolverPP(_FastSampler):
         return _finish(model, x, c, self.denoise, 2 * self.num_steps, self.num_steps, traj)
 
 
-class SDEDPMSolverPP(_FastSampler):
+class SDEDPMSolverPP(FastSampler):
     """SDE-DPM-Solver++(2M) (Lu et al. 2022b, Sec. 5 / App.), generalised with ``eta`` (the
     fraction of the reverse SDE's noise; ``eta = 0`` is the ODE solver, ``eta = 1`` the paper's):
     with ``k = 1 + eta``, the exact solution of the linear part gives
@@ -586,10 +576,11 @@ class SDEDPMSolverPP(_FastSampler):
     solver_type: str = flax.struct.field(pytree_node=False, default="midpoint")
     grid: Any = LogSNRGrid()
     lower_order_final: bool = flax.struct.field(pytree_node=False, default=True)
-    denoise: bool = flax.struct.field(pytree_node=False, default=False)
-    thresholding: Any = None
 
     name: ClassVar[str] = "sde_dpmpp_2m"
+
+    def is_stochastic(self) -> bool:
+        return float(self.eta) != 0.0
 
     def __post_init__(self):
         if self.solver_type not in ("midpoint", "heun"):
@@ -650,7 +641,7 @@ def _unipc_rho(r: Array, q: Array, h: Array, variant: str) -> tuple[Array, Array
     return jnp.where(q == 1, half, rho), big_b
 
 
-class UniPC(_FastSampler):
+class UniPC(FastSampler):
     """UniPC (Zhao et al. 2023, "UniPC: a unified predictor-corrector framework"), data
     prediction, with the multistep predictor UniP-p and the corrector UniC-p (Algorithms 2-3).
 
@@ -668,8 +659,6 @@ class UniPC(_FastSampler):
     grid: Any = LogSNRGrid()
     lower_order_final: bool = flax.struct.field(pytree_node=False, default=True)
     use_corrector: bool = flax.struct.field(pytree_node=False, default=True)
-    denoise: bool = flax.struct.field(pytree_node=False, default=False)
-    thresholding: Any = None
 
     name: ClassVar[str] = "unipc"
 

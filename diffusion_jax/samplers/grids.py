@@ -132,7 +132,7 @@ class ScoreSDEGrid(flax.struct.PyTreeNode):
 class ExplicitGrid(flax.struct.PyTreeNode):
     """A given decreasing array of ``N + 1`` times (its length fixes the number of steps)."""
 
-    times: Array = None
+    times: Array | None = None
 
     def __post_init__(self):
         if self.times is None:

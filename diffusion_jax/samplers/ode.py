@@ -14,7 +14,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.samplers.base import Model, NoiseSource, SampleInfo, require_marginals
+from diffusion_jax.samplers.base import Model, NoiseSource, SampleInfo, Sampler, require_marginals
 from diffusion_jax.sde import SDE
 from diffusion_jax.solvers.ode import ERROR_NORMS, Dopri5, PIController, odeint
 
@@ -23,7 +23,7 @@ Array = jax.Array
 __all__ = ["ProbabilityFlowSampler"]
 
 
-class ProbabilityFlowSampler(flax.struct.PyTreeNode):
+class ProbabilityFlowSampler(Sampler):
     """Adaptive probability-flow ODE sampling.
 
     Fields:
@@ -47,9 +47,9 @@ class ProbabilityFlowSampler(flax.struct.PyTreeNode):
     error_norm: str = flax.struct.field(pytree_node=False, default="per_sample")
     max_steps: int = flax.struct.field(pytree_node=False, default=4096)
     controller: PIController = PIController()
-    denoise: bool = flax.struct.field(pytree_node=False, default=False)
 
     name: ClassVar[str] = "ode"
+    needs_marginals: ClassVar[bool] = False
 
     def __post_init__(self):
         if self.error_norm not in ERROR_NORMS:

@@ -37,9 +37,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.samplers.base import Model, NoiseSource, fixed_info, require_marginals
+from diffusion_jax.samplers.base import FixedGridSampler, Model, NoiseSource, fixed_info, require_marginals
 from diffusion_jax.samplers.grids import ScoreSDEGrid
-from diffusion_jax.sde import SDE, broadcast_to_data
+from diffusion_jax.sde import SDE, DiscreteChain, broadcast_to_data
 
 Array = jax.Array
 
@@ -121,7 +121,7 @@ class AncestralPredictor(flax.struct.PyTreeNode):
                 "asserts the same); use euler_maruyama or reverse_diffusion"
             )
         sde = model.sde
-        if not hasattr(sde, "ancestral_step"):
+        if not isinstance(sde, DiscreteChain):
             raise ValueError(
                 f"the ancestral predictor needs an SDE with a discrete ancestral table "
                 f"(ancestral_step), such as VESDE or VPSDE; {type(sde).__name__} has none. "
@@ -146,8 +146,9 @@ class NonePredictor(flax.struct.PyTreeNode):
 def _langevin_alpha(sde: SDE, t: Array) -> Array:
     # score_sde scales the Langevin step by the DDPM alpha_i for VP and 1 for VE; SDEs without a
     # discrete table use 1.
-    fn = getattr(sde, "langevin_alpha", None)
-    return jnp.ones_like(t) if fn is None else fn(t).astype(t.dtype)
+    if isinstance(sde, DiscreteChain):
+        return sde.langevin_alpha(t).astype(t.dtype)
+    return jnp.ones_like(t)
 
 
 def _norm_per_sample(v: Array) -> Array:
@@ -267,7 +268,7 @@ def pc_step(
     return x, x_mean
 
 
-class PCSampler(flax.struct.PyTreeNode):
+class PCSampler(FixedGridSampler):
     """Predictor-corrector sampling on a fixed grid (score_sde ``get_pc_sampler``).
 
     Fields:
@@ -280,18 +281,22 @@ class PCSampler(flax.struct.PyTreeNode):
         ``denoise=True`` / noise removal: the final step adds no noise; no extra evaluation).
     """
 
-    predictor: Any = EulerMaruyamaPredictor()
-    corrector: Any = NoneCorrector()
+    denoise: bool = flax.struct.field(pytree_node=False, default=True)
     num_steps: int = flax.struct.field(pytree_node=False, default=1000)
     grid: Any = ScoreSDEGrid()
+    predictor: Any = EulerMaruyamaPredictor()
+    corrector: Any = NoneCorrector()
     probability_flow: bool = flax.struct.field(pytree_node=False, default=False)
-    denoise: bool = flax.struct.field(pytree_node=False, default=True)
 
     name: ClassVar[str] = "pc"
+    needs_marginals: ClassVar[bool] = False
+
+    def is_stochastic(self) -> bool:
+        noisy_predictor = self.predictor.nfe > 0 and not self.probability_flow
+        return noisy_predictor or self.corrector.nfe > 0
 
     def __post_init__(self):
-        if int(self.num_steps) < 1:
-            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+        super().__post_init__()
         if self.probability_flow and not self.predictor.has_probability_flow:
             raise ValueError(
                 "the ancestral predictor has no probability-flow form; use "
@@ -304,7 +309,7 @@ class PCSampler(flax.struct.PyTreeNode):
                 require_marginals(sde, f"pc with {type(part).__name__}")
         # SDEs with a discrete ancestral table (VE / VP) step by one table entry per evaluation:
         # the grid must have as many steps as the table, as in score_sde (num_steps = sde.N).
-        table_size = getattr(sde, "N", None) if hasattr(sde, "ancestral_step") else None
+        table_size = sde.N if isinstance(sde, DiscreteChain) else None
         if self.predictor.uses_table and table_size is not None and int(table_size) != self.num_steps:
             raise ValueError(
                 f"{type(self.predictor).__name__} steps through {type(sde).__name__}'s discrete table "

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["TrainState", "make_optimizer", "ema_decay", "ema_update", "init_train_state"]
+__all__ = ["TrainState", "learning_rate_schedule", "make_optimizer", "ema_decay", "ema_update", "init_train_state"]
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -22,6 +22,12 @@ class TrainState(flax.struct.PyTreeNode):
     ema_params: Any
     opt_state: Any
     rng: jax.Array  # raw uint32 key data (orbax- and sharding-friendly)
+
+
+def learning_rate_schedule(*, lr: float, warmup: int = 0) -> optax.Schedule:
+    """score_sde's learning rate: a linear warm-up over ``warmup`` steps, ``lr * min(step / warmup, 1)``.
+    The optimiser steps with it and the logs report it, so the logged rate is the one used."""
+    return optax.linear_schedule(0.0, lr, warmup) if warmup > 0 else optax.constant_schedule(lr)
 
 
 def make_optimizer(
@@ -37,7 +43,7 @@ def make_optimizer(
 ) -> optax.GradientTransformation:
     """score_sde's optimiser: gradient clipping by global norm (when ``grad_clip >= 0``), Adam,
     and a linear learning-rate warm-up over ``warmup`` steps, ``lr * min(step / warmup, 1)``."""
-    schedule = optax.linear_schedule(0.0, lr, warmup) if warmup > 0 else optax.constant_schedule(lr)
+    schedule = learning_rate_schedule(lr=lr, warmup=warmup)
     name = optimizer.lower()
     if name == "adam":
         if weight_decay:
@@ -59,11 +65,11 @@ def make_optimizer(
 def ema_decay(step: jax.Array, rate: float, warmup: bool) -> jax.Array:
     """EMA decay at ``step``; with ``warmup``, ``min(rate, (1 + step) / (10 + step))`` so early
     averages are not dominated by the initialisation."""
-    rate = jnp.asarray(rate, jnp.float32)
+    decay = jnp.asarray(rate, jnp.float32)
     if not warmup:
-        return rate
+        return decay
     step = step.astype(jnp.float32)
-    return jnp.minimum(rate, (1.0 + step) / (10.0 + step))
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
 def ema_update(ema_params, params, decay):

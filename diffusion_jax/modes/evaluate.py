@@ -1,0 +1,82 @@
+"""``diffusion-jax eval``: evaluate the saved checkpoints of a workdir (loss over the eval split,
+samples, bits/dim); results go to ``<workdir>/eval/``."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jax
+import numpy as np
+
+from diffusion_jax.builders import diffusion as diffusion_builders
+from diffusion_jax.builders.config import ConfigError
+from diffusion_jax.builders.experiment import Experiment
+from diffusion_jax.builders.likelihood import evaluate_bpd
+from diffusion_jax.builders.sampler import build_sampler
+from diffusion_jax.modes import setup
+from diffusion_jax.training.step import make_eval_step, shard_batch
+
+__all__ = ["evaluate"]
+
+
+def evaluate(config, workdir) -> dict:
+    """Evaluate saved checkpoints in ``[eval.begin_ckpt, eval.end_ckpt]``: loss over the whole
+    eval split, samples, and bits/dim; results go to ``<workdir>/eval/`` (process 0 writes)."""
+    run = setup.prepare(config, workdir, create=False)
+    config, workdir, exp, primary = run.config, run.workdir, run.exp, run.primary
+    steps = setup.checkpoint_steps(workdir)
+    e = config.eval
+    end = steps[-1] if e.end_ckpt < 0 else e.end_ckpt
+    chosen = [s for s in steps if e.begin_ckpt <= s <= end]
+    if not chosen:
+        raise ConfigError(
+            f"no checkpoint step in [eval.begin_ckpt={e.begin_ckpt}, eval.end_ckpt={e.end_ckpt}]; saved: {steps}"
+        )
+    setup.check_batch("eval.batch_size", e.batch_size)
+    out_dir = workdir / "eval"
+    if primary:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for step in chosen:
+        _, state = setup.restore_state(config, exp, workdir, step)
+        params = state.ema_params
+        res: dict[str, Any] = {"step": step}
+        if e.enable_loss:
+            res.update(_eval_loss(config, exp, params, step))
+        if e.enable_sampling:
+            sampler = build_sampler(config, sde=exp.sde)
+            x, sinfo = setup.sample_images(
+                exp,
+                params,
+                jax.random.PRNGKey(step),
+                e.num_samples,
+                sampler,
+                labels=setup.class_labels(exp, e.num_samples),
+            )
+            res["sampling_nfe"] = int(np.asarray(sinfo.nfe))
+            if primary:
+                np.savez(out_dir / f"samples_{step:08d}.npz", samples=exp.to_data_range(x))
+                setup.save_samples(exp, x, out_dir / f"samples_{step:08d}.png")
+        if e.enable_bpd:
+            res.update(evaluate_bpd(config, exp, params, step=step))
+        results[step] = res
+        if primary:
+            setup.write_atomically(out_dir / f"results_{step:08d}.json", json.dumps(res, indent=2))
+            print(json.dumps(res), flush=True)
+    return results
+
+
+def _eval_loss(config, exp: Experiment, params, step: int) -> dict:
+    """Mean loss over every example of the eval split (padded batches are masked)."""
+    loss_fn = diffusion_builders.build_loss(
+        config, model_fn=exp.model_fn(train=False), sde=exp.sde, parametrization=exp.parametrization
+    )
+    eval_step = jax.jit(make_eval_step(loss_fn))
+    total = count = 0.0
+    key = jax.random.PRNGKey(step)
+    with setup.build_data(config, split="eval") as it:
+        for i, batch in enumerate(it):
+            s, c = eval_step(params, shard_batch(batch, exp.mesh), jax.random.fold_in(key, i))
+            total, count = total + float(s), count + float(c)
+    return {"eval_loss": total / max(count, 1.0), "eval_examples": int(count)}

@@ -1,0 +1,254 @@
+"""The run set-up every mode shares: start-up, config checks, the workdir, the data's description,
+the experiment, and the pieces two or more modes use (checkpoint restore, chunked sampling, image
+grids, atomic result files).
+
+Everything that can refuse a run (a bad config, an unwritable or incompatible workdir, missing
+data) happens in :func:`prepare`, before any work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from diffusion_jax.builders import config as config_lib
+from diffusion_jax.builders import data as data_builders
+from diffusion_jax.builders import diffusion as diffusion_builders
+from diffusion_jax.builders.config import ConfigError
+from diffusion_jax.builders.experiment import Experiment, build_experiment, check_buildable
+from diffusion_jax.training import checkpoint as ckpt_lib
+from diffusion_jax.training.logging import save_image_grid
+from diffusion_jax.training.state import init_train_state
+from diffusion_jax.training.step import per_device_batch, replicate
+
+__all__ = [
+    "Run",
+    "prepare",
+    "INCOMPATIBLE_KEYS",
+    "check_workdir_config",
+    "build_data",
+    "check_batch",
+    "restore_state",
+    "checkpoint_steps",
+    "sample_images",
+    "class_labels",
+    "save_samples",
+    "write_atomically",
+]
+
+# Keys whose change makes a workdir's checkpoints unusable or its results incomparable.
+INCOMPATIBLE_KEYS = (
+    "model",
+    "training.sde",
+    "training.continuous",
+    "data.dataset",
+    "data.image_size",
+    "data.num_channels",
+    "data.centered",
+    "data.category",
+    "data.num_levels",
+    "optim.optimizer",
+)
+
+
+@dataclasses.dataclass
+class Run:
+    """What :func:`prepare` hands a mode: the checked config (image shape resolved from the data),
+    the workdir, the experiment built from the config, and whether this process writes files."""
+
+    config: ml_collections.ConfigDict
+    workdir: pathlib.Path
+    exp: Experiment
+    primary: bool
+
+
+def _initialize_distributed(config) -> None:
+    from diffusion_jax.training import distributed
+
+    d = config.distributed
+    distributed.initialize(
+        coordinator_address=d.coordinator_address or None,
+        num_processes=d.num_processes or None,
+        process_id=None if d.process_id < 0 else d.process_id,
+        timeout=d.initialization_timeout,
+    )
+
+
+def _prepare_workdir(workdir: pathlib.Path) -> None:
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        # One probe per process: hosts sharing the workdir must not remove each other's.
+        probe = workdir / f".write_test.{jax.process_index()}.{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise ConfigError(f"workdir {workdir}: the disk is full (No space left on device)") from None
+        raise ConfigError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
+
+
+def check_workdir_config(config, workdir: pathlib.Path) -> None:
+    """Refuse a workdir whose saved config differs from this one in incompatible keys."""
+    path = pathlib.Path(workdir) / "config.json"
+    if not path.exists():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); move it away to start a new run") from None
+    diff = config_lib.config_diff(saved, json.loads(config.to_json_best_effort()), INCOMPATIBLE_KEYS)
+    if diff:
+        raise ConfigError(
+            f"workdir {workdir} was written by an incompatible config; these keys differ: {', '.join(diff)}. "
+            "Use a new --workdir, or restore the original values."
+        )
+
+
+def build_data(config, **kwargs):
+    """The data iterator, with a missing or unreadable data set reported as a ConfigError."""
+    try:
+        return data_builders.build_data(config, **kwargs)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        raise ConfigError(f"data: {e}") from None
+
+
+def _data_info(config, *, required: bool):
+    """The data as the pipeline yields it (the one place a mode learns it); without ``required``,
+    None when the data set cannot be opened (sampling needs only the config)."""
+    try:
+        return data_builders.build_data_info(config)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        if required:
+            raise ConfigError(f"data: {e}") from None
+        return None
+
+
+def _resolve_shape(config, info) -> ml_collections.ConfigDict:
+    """``data.image_size`` / ``data.num_channels`` left at None take the data's own."""
+    if config.data.image_size is not None and config.data.num_channels is not None:
+        return config
+    if info is None or not info.is_image:
+        raise ConfigError("data.image_size and data.num_channels must be set when the data set cannot be opened")
+    config = ml_collections.ConfigDict(config.to_dict())
+    h, _, c = info.shape
+    with config.data.ignore_type():
+        if config.data.image_size is None:
+            config.data.image_size = int(h)
+        if config.data.num_channels is None:
+            config.data.num_channels = int(c)
+    return config
+
+
+def prepare(config, workdir, *, create: bool, need_data: bool = True) -> Run:
+    """Start a mode: join the other processes, check the config (once, every check), check (and
+    with ``create``, make) the workdir, learn the data and build the experiment. Every refusal is a
+    :class:`ConfigError` with one message."""
+    _initialize_distributed(config)
+    config_lib.validate_config(config, build=False)
+    workdir = pathlib.Path(workdir)
+    if create:
+        _prepare_workdir(workdir)
+    check_workdir_config(config, workdir)
+    info = _data_info(config, required=need_data)
+    config = _resolve_shape(config, info)
+    problems = check_buildable(config)
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+    exp = build_experiment(config, data_info=info)
+    return Run(config, workdir, exp, jax.process_index() == 0)
+
+
+def write_atomically(path: pathlib.Path, text: str) -> None:
+    """Write a file whole or not at all (a temporary file renamed into place), so neither a
+    kill, a full disk, nor another host reading it at the same moment sees half of it."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_batch(key: str, global_batch: int, *, grad_accum_steps: int = 1) -> int:
+    """Per-device batch of ``config.<key>`` on the mesh; a ConfigError if it does not divide."""
+    try:
+        return per_device_batch(
+            global_batch,
+            num_devices=jax.device_count(),
+            num_processes=jax.process_count(),
+            grad_accum_steps=grad_accum_steps,
+            name=key,
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
+    """Saved checkpoint steps (a ConfigError when there are none: train first)."""
+    steps: list[int] = []
+    if (workdir / "checkpoints").exists():
+        ck = ckpt_lib.Checkpointer(workdir / "checkpoints", read_only=True)
+        try:
+            steps = ck.steps()
+        finally:
+            ck.close()
+    if not steps:
+        raise ConfigError(f"no checkpoint in {workdir / 'checkpoints'}; train first")
+    return steps
+
+
+def restore_state(config, exp: Experiment, workdir: pathlib.Path, step: int | None):
+    """``(step, TrainState)`` of a checkpoint (the newest readable one when ``step`` is None)."""
+    optimizer = diffusion_builders.build_optimizer(config)
+    params = jax.eval_shape(exp.init_params, jax.random.PRNGKey(0))
+    template = jax.eval_shape(lambda p: init_train_state(p, optimizer, jax.random.PRNGKey(0)), params)
+    # Replicated over the mesh, like the training state: on several hosts every array must be
+    # a global array to enter computations sharded over all devices.
+    template = replicate(jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), template), exp.mesh)
+    checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", read_only=True)
+    try:
+        restored = checkpointer.restore(template, step=step)
+    finally:
+        checkpointer.close()
+    return restored[0], restored[1]
+
+
+def class_labels(exp: Experiment, n: int):
+    """Labels of ``n`` samples of a class-conditional network (0, 1, ..., cycling); None otherwise."""
+    if exp.null_label is None:
+        return None
+    return jnp.arange(n, dtype=jnp.int32) % exp.module.num_classes
+
+
+def sample_images(exp: Experiment, params, key, n: int, sampler, *, labels=None) -> tuple[np.ndarray, Any]:
+    """``n`` samples in chunks of ``sampling.batch_size`` (one compiled sampler); returns the
+    samples and the info of the last chunk. Chunk ``i`` uses ``fold_in(key, i)``."""
+    from diffusion_jax import samplers as samplers_lib
+
+    guidance = exp.config.sampling.guidance_scale
+    chunk = min(n, exp.config.sampling.batch_size)
+    out, info = [], None
+    for i, start in enumerate(range(0, n, chunk)):
+        lab = None if labels is None else labels[start : start + chunk]
+        if lab is not None and lab.shape[0] < chunk:  # keep one shape: pad the last chunk
+            lab = jnp.concatenate([lab, jnp.zeros((chunk - lab.shape[0],), lab.dtype)])
+        score_fn = exp.score_fn(params, class_labels=lab, guidance_scale=guidance)
+        x, info = samplers_lib.sample(jax.random.fold_in(key, i), score_fn, exp.sde, (chunk, *exp.input_shape), sampler)
+        out.append(np.asarray(jax.device_get(x)))
+    return np.concatenate(out)[:n], info
+
+
+def save_samples(exp: Experiment, x: np.ndarray, path_png: pathlib.Path) -> None:
+    """A PNG grid of image samples (nothing for data that are not images)."""
+    images = np.clip(exp.to_data_range(x), 0.0, 1.0)
+    if images.ndim == 4:
+        save_image_grid(path_png, images, upscale=max(1, 64 // images.shape[1]))
