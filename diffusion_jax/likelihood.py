@@ -19,14 +19,14 @@ dequantization ``x = lo + (hi - lo) (k + u) / L``: ``-log2 P(k) <= E_u[-log2 p(x
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.sde import SDE
+from diffusion_jax.sde import SDE, require_marginals
 from diffusion_jax.solvers.ode import odeint
 
 Array = jax.Array
@@ -68,7 +68,9 @@ class LikelihoodInfo(NamedTuple):
     z: Array
 
 
-def divergence_fn(vector_field, *, estimator: str, probes: Array | None = None):
+def divergence_fn(
+    vector_field: Callable[[Array, Array], Array], *, estimator: str, probes: Array | None = None
+) -> Callable[[Array, Array], tuple[Array, Array]]:
     """``f(x, t) -> (v(x, t), div)`` where ``div`` has shape ``(B, P)`` (``P = 1`` for exact).
 
     Hutchinson: ``div_p = sum(e_p * (dv/dx) e_p)`` for each fixed probe ``e_p`` of shape of x;
@@ -140,8 +142,7 @@ def log_likelihood(
     Returns:
       ``(logp, info)`` with ``logp`` of shape ``(B,)`` and :class:`LikelihoodInfo`.
     """
-    if not sde.has_marginals:
-        sde._no_marginals("log_likelihood (the prior and the probability-flow ODE of a linear SDE)")
+    sde = require_marginals(sde, "log_likelihood (the prior and the probability-flow ODE of a linear SDE)")
     if truncation not in TRUNCATIONS:
         raise ValueError(f"unknown truncation {truncation!r}; valid: {', '.join(TRUNCATIONS)}")
     if num_probes < 1:
@@ -159,7 +160,7 @@ def log_likelihood(
         x = sde.perturb(x, t0_arr, jax.random.normal(k_noise, x.shape, dtype))
         correction = correction + d * jnp.log(sde.alpha(t0_arr))
 
-    probes = None
+    probes: Array | None = None
     if estimator == "hutchinson_rademacher":
         probes = jax.random.rademacher(k_probe, (num_probes,) + x.shape, dtype)
     elif estimator == "hutchinson_gaussian":
@@ -268,10 +269,10 @@ def evaluate_dataset(
     key: Array,
     score_fn_for: Callable[[Array | None], ScoreFn],
     sde: SDE,
-    batches,
+    batches: Iterable[dict],
     *,
     num_levels: int | None,
-    value_range: tuple[float, float] = (0.0, 1.0),
+    value_range: Sequence[float] = (0.0, 1.0),
     num_draws: int = 1,
     max_examples: int = 0,
     place: Callable[[dict], dict] = lambda b: b,
@@ -289,11 +290,14 @@ def evaluate_dataset(
     import numpy as np
 
     discrete = num_levels is not None
-    disc = Discretization(num_levels=num_levels, value_range=tuple(value_range)) if discrete else None
+    disc = None
+    if num_levels is not None:
+        lo, hi = value_range
+        disc = Discretization(num_levels=num_levels, value_range=(lo, hi))
 
     def per_batch(key, x, labels):
         score_fn = score_fn_for(labels)
-        if discrete:
+        if disc is not None:
             values, info = bits_per_dim(
                 key, score_fn, sde, disc.levels_from_grid(x), discretization=disc, num_draws=num_draws, **kwargs
             )

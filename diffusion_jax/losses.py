@@ -37,7 +37,7 @@ import jax.numpy as jnp
 
 from diffusion_jax import parametrization as param_lib
 from diffusion_jax.parametrization import Parametrization
-from diffusion_jax.sde import SDE, LinearSDE, broadcast_to_data
+from diffusion_jax.sde import SDE, VESDE, VPSDE, LinearSDE, broadcast_to_data, require_marginals
 
 Array = jax.Array
 # Raw network: model_fn(params, x_in, c_noise, cond, key) -> out (shape of x_in). ``cond`` is the
@@ -253,8 +253,7 @@ def dsm_loss_fn(
 
     Returns ``loss_fn(params, batch, key) -> (loss, aux)``, aux = {"loss_per_example", "t"}.
     """
-    if not sde.has_marginals:
-        sde._no_marginals("denoising score matching")
+    sde = require_marginals(sde, "denoising score matching")
     w_fn = get_weighting(weighting)
     w_kwargs = {"sigma_data": sigma_data, "gamma": min_snr_gamma}
     kind = parametrization.kind
@@ -279,14 +278,14 @@ def dsm_loss_fn(
 def smld_loss_fn(model_fn: ModelFn, sde: SDE, *, reduce_mean: bool = False, data_key: str = "image") -> LossFn:
     """score_sde's discrete SMLD (NCSN) loss: a random index i into the *decreasing* sigma table,
     ``x = x0 + sigma_i z``, loss ``sigma_i^2 ||s(x, i) + z / sigma_i||^2`` (Song & Ermon 2019)."""
-    if not hasattr(sde, "discrete_sigmas"):
+    if not isinstance(sde, VESDE):
         raise TypeError(f"the SMLD loss needs a VESDE (discrete sigma table), got {type(sde).__name__}")
 
     def loss_fn(params, batch, key):
         x0, cond = _split_batch(batch, data_key)
         k_i, k_z, k_model = jax.random.split(key, 3)
         sigmas = sde.discrete_sigmas()[::-1]
-        labels = jax.random.randint(k_i, (x0.shape[0],), 0, sde.N)
+        labels = jax.random.randint(k_i, (x0.shape[0],), 0, sigmas.shape[0])  # N noise scales
         sigma = sigmas[labels].astype(x0.dtype)
         z = jax.random.normal(k_z, x0.shape, x0.dtype)
         x = x0 + broadcast_to_data(sigma, x0) * z
@@ -301,14 +300,14 @@ def smld_loss_fn(model_fn: ModelFn, sde: SDE, *, reduce_mean: bool = False, data
 def ddpm_loss_fn(model_fn: ModelFn, sde: SDE, *, reduce_mean: bool = True, data_key: str = "image") -> LossFn:
     """score_sde's discrete DDPM loss (Ho et al. 2020, Alg. 1): a random step i,
     ``x = sqrt(abar_i) x0 + sqrt(1 - abar_i) z``, loss ``||eps(x, i) - z||^2``."""
-    if not hasattr(sde, "alphas_cumprod"):
+    if not isinstance(sde, VPSDE):
         raise TypeError(f"the DDPM loss needs a VPSDE (discrete beta table), got {type(sde).__name__}")
 
     def loss_fn(params, batch, key):
         x0, cond = _split_batch(batch, data_key)
         k_i, k_z, k_model = jax.random.split(key, 3)
         abar = sde.alphas_cumprod()
-        labels = jax.random.randint(k_i, (x0.shape[0],), 0, sde.N)
+        labels = jax.random.randint(k_i, (x0.shape[0],), 0, abar.shape[0])  # N steps
         a = jnp.sqrt(abar[labels]).astype(x0.dtype)
         s = jnp.sqrt(1.0 - abar[labels]).astype(x0.dtype)
         z = jax.random.normal(k_z, x0.shape, x0.dtype)
@@ -343,8 +342,7 @@ def likelihood_bound(
     the integrand has no 1/t singularity. [0, t_min] is ignored, as in score_sde. Returns
     ``(bound, standard_error)``, each of shape ``(B,)``.
     """
-    if not sde.has_marginals:
-        sde._no_marginals("likelihood_bound")
+    sde = require_marginals(sde, "likelihood_bound")
     lo = sde.t_min if t_min is None else t_min
     hi = sde.T
     d = math.prod(x0.shape[1:])

@@ -25,12 +25,13 @@ Networks know nothing of SDEs; samplers and losses talk to networks only through
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.sde import SDE, LinearSDE, broadcast_to_data
+from diffusion_jax.sde import SDE, LinearSDE, broadcast_to_data, require_marginals
 
 Array = jax.Array
 
@@ -52,9 +53,8 @@ __all__ = [
 
 
 def _require_linear(sde: SDE, what: str) -> LinearSDE:
-    if not sde.has_marginals:
-        sde._no_marginals(what)
-    return sde
+    """``sde`` as a :class:`LinearSDE` (closed-form marginals), or the error naming ``what``."""
+    return require_marginals(sde, what)
 
 
 def _check_kind(kind: str) -> None:
@@ -213,6 +213,14 @@ NOISE_CONDITIONINGS: dict[str, Callable] = {
 OUTPUTS = KINDS + ("edm",)
 
 
+class _EDMCoefs(NamedTuple):
+    """EDM's preconditioning (Karras et al. 2022, Table 1): ``D = c_skip x + c_out F(c_in x)``."""
+
+    c_skip: Array
+    c_out: Array
+    c_in: Array
+
+
 class Parametrization(flax.struct.PyTreeNode):
     """How a raw network ``net(x_in, c_noise) -> out`` (shape of x) is used.
 
@@ -246,12 +254,12 @@ class Parametrization(flax.struct.PyTreeNode):
         return "x0" if self.output == "edm" else self.output
 
     # -- EDM preconditioning ----------------------------------------------------------------
-    def _edm_coefs(self, sde, t):
+    def _edm_coefs(self, sde: SDE, t: Array) -> _EDMCoefs:
         """(c_skip, c_out, c_in) of Karras et al. (2022), Table 1, for sigma~ = sigma / alpha."""
         st = _require_linear(sde, "EDM preconditioning").sigma_tilde(t)
         sd = self.sigma_data
         denom = st**2 + sd**2
-        return sd**2 / denom, st * sd / jnp.sqrt(denom), 1.0 / jnp.sqrt(denom)
+        return _EDMCoefs(c_skip=sd**2 / denom, c_out=st * sd / jnp.sqrt(denom), c_in=1.0 / jnp.sqrt(denom))
 
     def network_inputs(self, sde: SDE, x: Array, t: Array) -> tuple[Array, Array]:
         """``(x_in, c_noise)``: what the network is called with for data ``x`` at time ``t``."""
@@ -259,7 +267,7 @@ class Parametrization(flax.struct.PyTreeNode):
         c_noise = NOISE_CONDITIONINGS[self.noise_cond](self, sde, t)
         if self.output == "edm" or self.input_scaling == "edm":
             a, _ = sde.marginal(t)
-            _, _, c_in = self._edm_coefs(sde, t)
+            c_in = self._edm_coefs(sde, t).c_in
             x = x * broadcast_to_data(c_in / a, x)
         return x, c_noise
 
@@ -271,8 +279,8 @@ class Parametrization(flax.struct.PyTreeNode):
             return out
         t = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:1])
         a, _ = sde.marginal(t)
-        c_skip, c_out, _ = self._edm_coefs(sde, t)
-        return broadcast_to_data(c_skip / a, x) * x + broadcast_to_data(c_out, x) * out
+        coefs = self._edm_coefs(sde, t)
+        return broadcast_to_data(coefs.c_skip / a, x) * x + broadcast_to_data(coefs.c_out, x) * out
 
     def apply(
         self, net: Callable[[Array, Array], Array], sde: SDE, x: Array, t: Array, kind: str | None = None
@@ -287,11 +295,6 @@ class Parametrization(flax.struct.PyTreeNode):
     def score_fn(self, net: Callable[[Array, Array], Array], sde: SDE) -> Callable[[Array, Array], Array]:
         """``score_fn(x, t)`` for samplers and likelihoods."""
         return lambda x, t: self.apply(net, sde, x, t, "score")
-
-    def predict_fn(self, net, sde: SDE, kind: str) -> Callable[[Array, Array], Array]:
-        """``fn(x, t)`` returning a ``kind`` prediction."""
-        _check_kind(kind)
-        return lambda x, t: self.apply(net, sde, x, t, kind)
 
 
 # score_sde's conventions, keyed by (SDE name, continuous): what the network output is and what

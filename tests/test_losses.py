@@ -32,9 +32,9 @@ def _exact_model(mix, sde, param, delta_fn=None):
         score = mix.score(x, t, sde)
         pred = P.convert(score, from_kind="score", to_kind=param.kind, sde=sde, x=x, t=t)
         if param.output == "edm":
-            c_skip, c_out, _ = param._edm_coefs(sde, t)
+            coefs = param._edm_coefs(sde, t)
             a = sde.alpha(t)[:, None]
-            pred = (pred - c_skip[:, None] / a * x) / c_out[:, None]
+            pred = (pred - coefs.c_skip[:, None] / a * x) / coefs.c_out[:, None]
         return pred + delta * jnp.tanh(x) * (1 + t[:, None])
 
     return model_fn

@@ -124,7 +124,7 @@ def _fit(tmp_path, n_iters, *, stop_after=None, signal_at=None, nan_policy="skip
     ck = ckpt_lib.Checkpointer(tmp_path / "checkpoints", keep_period=8, max_to_keep=1)
     writer = MetricWriter(tmp_path, tensorboard=False)
     try:
-        _, state, _, _ = ck.restore(state, data_iterator=it)
+        state = ck.restore(state, data_iterator=it).state
         writer.truncate(int(state.step))
     except ckpt_lib.NoCheckpointError:
         pass
@@ -209,9 +209,11 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, caplog):
     opt = make_optimizer(lr=1e-2, warmup=3, grad_clip=1.0)
     ck = ckpt_lib.Checkpointer(tmp_path / "checkpoints")
     with caplog.at_level("WARNING"):
-        step, state, meta, errors = ck.restore(_state(opt))
-    assert step == 8 and int(state.step) == 8
-    assert "checkpoints/12 could not be restored" in errors[0]
+        restored = ck.restore(_state(opt))
+    assert restored.step == 8 and int(restored.state.step) == 8 and restored.meta["step"] == 8
+    assert len(restored.errors) == 1 and "checkpoints/12 could not be restored" in restored.errors[0]
+    step, state, meta, errors = restored  # callers may still unpack it as a tuple
+    assert (step, meta, errors) == (restored.step, restored.meta, restored.errors)
     assert "trying an older one" in caplog.text
 
 

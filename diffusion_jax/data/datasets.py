@@ -218,7 +218,7 @@ class TfdsImages:
             raise ValueError(f"{self.tfds_name}: unknown category {category!r}; valid: {', '.join(_lsun_categories())}")
         return f"{self.tfds_name}/{category}"
 
-    def load(self, *, split: str, options: LoadOptions) -> Source:
+    def load(self, *, split: str, options: LoadOptions) -> TfdsSource:
         name = self._full_name(options.category)
         size = _check_image_size(options.image_size, self.image_size, name)
         _check_channels(options.num_channels, self.channels, name)

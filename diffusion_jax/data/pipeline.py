@@ -105,13 +105,15 @@ class Preprocess:
         if self.stored_levels is None:
             image = image.astype(np.float32, copy=False)
         else:
-            image = transforms.requantize(image, from_levels=self.stored_levels, to_levels=self.num_levels)
+            levels = self.num_levels
+            assert levels is not None  # set with stored_levels (_make_preprocess)
+            image = transforms.requantize(image, from_levels=self.stored_levels, to_levels=levels)
             if self.random_flip:
                 image = transforms.random_flip_left_right(image, rng)
             if self.uniform_dequantization:
-                image = transforms.dequantize(image, rng, num_levels=self.num_levels)
+                image = transforms.dequantize(image, rng, num_levels=levels)
             else:
-                image = transforms.levels_to_unit(image, num_levels=self.num_levels)
+                image = transforms.levels_to_unit(image, num_levels=levels)
             if self.centered:
                 image = transforms.center(image)
         return {**batch, "image": image}
@@ -212,8 +214,8 @@ class _ShuffledBatch:
         # The permutation cache is rebuilt on demand in worker processes.
         return {"own": self.own, "batch_size": self.batch_size, "seed": self.seed}
 
-    def __setstate__(self, state):
-        self.__init__(state["own"], batch_size=state["batch_size"], seed=state["seed"])
+    def __setstate__(self, state: dict) -> None:
+        _ShuffledBatch.__init__(self, state["own"], batch_size=state["batch_size"], seed=state["seed"])
 
 
 @dataclasses.dataclass(frozen=True)

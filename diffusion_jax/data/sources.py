@@ -77,7 +77,9 @@ class ArraySource:
         return batch
 
 
-def _stack(images: Sequence[np.ndarray], labels: Sequence[Any] | None, shape) -> dict[str, np.ndarray]:
+def _stack(
+    images: Sequence[np.ndarray], labels: Sequence[Any] | np.ndarray | None, shape: tuple[int, ...]
+) -> dict[str, np.ndarray]:
     if images:
         image = np.stack(images)
     else:
@@ -180,8 +182,7 @@ def read_image(path: str, *, channels: int) -> np.ndarray:
     file when Pillow cannot read it."""
     try:
         with PIL.Image.open(path) as image:
-            image = image.convert("L" if channels == 1 else "RGB")
-            array = np.asarray(image, dtype=np.uint8)
+            array = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
     except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as error:
         raise UnreadableImageError(f"cannot read image file {path!r}: {error}") from error
     return array[..., None] if channels == 1 else array

@@ -103,7 +103,7 @@ def crop_resize(image: np.ndarray, size: int, *, method: str = "bicubic", max_le
 
 def random_flip_left_right(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Mirror each image of ``images`` (B, H, W, C) with probability 1/2, independently."""
-    flip = rng.random(images.shape[0]) < 0.5
+    flip = rng.random(len(images)) < 0.5
     return np.where(flip[:, None, None, None], images[:, :, ::-1], images)
 
 

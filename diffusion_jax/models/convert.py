@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -49,6 +49,7 @@ __all__ = [
     "convert_state_dict",
     "convert_checkpoint",
     "flax_param_shapes",
+    "ParamShapes",
     "count_params",
     "load_score_sde_flax_params",
 ]
@@ -181,8 +182,16 @@ def _example_inputs(module: nn.Module, input_shape: Sequence[int]) -> tuple[tupl
     return (x, labels), kwargs
 
 
-def flax_param_shapes(module: nn.Module, input_shape: Sequence[int]) -> tuple[dict, list[str]]:
-    """``(params shape tree, top-level submodule names in call order)`` without allocating weights."""
+class ParamShapes(NamedTuple):
+    """The parameter structure of a network: ``params``, the tree of ``jax.ShapeDtypeStruct``
+    leaves, and ``order``, the names of its top-level submodules in call order."""
+
+    params: dict
+    order: list[str]
+
+
+def flax_param_shapes(module: nn.Module, input_shape: Sequence[int]) -> ParamShapes:
+    """The :class:`ParamShapes` ``(params, order)`` of ``module``, without allocating weights."""
     order: list[str] = []
 
     def record(next_fun, args, kwargs, context):
@@ -195,12 +204,12 @@ def flax_param_shapes(module: nn.Module, input_shape: Sequence[int]) -> tuple[di
     args, kwargs = _example_inputs(module, input_shape)
     with nn.intercept_methods(record):
         variables = jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))
-    return variables["params"], order
+    return ParamShapes(params=variables["params"], order=order)
 
 
 def count_params(module: nn.Module, input_shape: Sequence[int]) -> int:
     """Number of parameters (including the fixed Fourier projection), via ``jax.eval_shape``."""
-    params, _ = flax_param_shapes(module, input_shape)
+    params = flax_param_shapes(module, input_shape).params
     return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(params)))
 
 
@@ -352,7 +361,7 @@ def torch_to_flax_mapping(
     torch_shapes: Mapping[str, Sequence[int]],
     input_shape: Sequence[int],
     *,
-    structure: tuple[dict, list[str]] | None = None,
+    structure: ParamShapes | None = None,
 ) -> list[TensorMapping]:
     """Pairs every PyTorch tensor (``{name: shape}``, buffers allowed) with one Flax leaf of
     ``module`` (initialised for inputs of ``input_shape``) and checks the shapes.
@@ -471,7 +480,7 @@ def load_score_sde_flax_params(
             raise ConversionError("the restored state's 'optimizer' entry has no 'target' (the parameters)")
     else:
         tree = state
-    expected, _ = flax_param_shapes(module, input_shape)
+    expected = flax_param_shapes(module, input_shape).params
     want = {tuple(k): v for k, v in traverse_util.flatten_dict(expected).items()}
     got = {tuple(k): np.asarray(v) for k, v in traverse_util.flatten_dict(dict(tree)).items()}
     for path in got:

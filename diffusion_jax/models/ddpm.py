@@ -137,6 +137,7 @@ class DDPM(nn.Module, kw_only=True):
             if h.shape[1] not in self.cross_attn_resolutions:
                 return h
             block = wrap(CrossAttnBlock)(num_heads=self.cross_attn_heads, name=name("CrossAttnBlock"), **kw)
+            assert context is not None  # check_unet_inputs requires it with cross_attn_resolutions
             return block(h, context.astype(self.dtype))
 
         h = x if self.centered else 2.0 * x - 1.0  # data in [0, 1] -> [-1, 1]

@@ -154,6 +154,8 @@ class NCSNpp(nn.Module, kw_only=True):
         sqrt2 = math.sqrt(2.0)
 
         # -- noise-level embedding (Song et al. 2021, App. H) --------------------------------
+        temb: Array | None
+        used_sigmas: Array | None
         if self.embedding_type == "fourier":
             used_sigmas = labels.astype(jnp.float32)
             temb = GaussianFourierProjection(
@@ -178,6 +180,7 @@ class NCSNpp(nn.Module, kw_only=True):
         def wrap(cls):
             return nn.remat(cls) if self.remat else cls
 
+        res_kw: dict[str, Any]
         if self.resblock_type == "ddpm":
             res_kind, res_cls = "ResnetBlockDDPMpp", wrap(ResnetBlockDDPM)
             res_kw = dict(num_groups=None)
@@ -214,6 +217,7 @@ class NCSNpp(nn.Module, kw_only=True):
                 name=name("CrossAttnBlock"),
                 **kw,
             )
+            assert context is not None  # check_unet_inputs requires it with cross_attn_resolutions
             return block(h, context.astype(self.dtype))
 
         def conv3x3(features, init_scale=1.0):
@@ -229,7 +233,7 @@ class NCSNpp(nn.Module, kw_only=True):
         x = x.astype(self.dtype)
 
         # -- downsampling path ---------------------------------------------------------------
-        input_pyramid = x if self.progressive_input != "none" else None
+        input_pyramid = x  # the input image pyramid (used with progressive_input != "none")
         hs = [conv3x3(nf)(x)]
         for i_level in range(num_resolutions):
             for _ in range(self.num_res_blocks):
@@ -262,7 +266,7 @@ class NCSNpp(nn.Module, kw_only=True):
         h = resblock()(h, temb)
 
         # -- upsampling path -------------------------------------------------------------------
-        pyramid = None
+        pyramid: Array | None = None  # the output image pyramid (progressive != "none")
         for i_level in reversed(range(num_resolutions)):
             for _ in range(self.num_res_blocks + 1):
                 h = resblock(out_ch=nf * self.ch_mult[i_level])(jnp.concatenate([h, hs.pop()], axis=-1), temb)
@@ -276,6 +280,7 @@ class NCSNpp(nn.Module, kw_only=True):
                     else:  # residual
                         pyramid = conv3x3(h.shape[-1])(act(norm(h)))
                 else:
+                    assert pyramid is not None  # set at the lowest resolution, the first level up
                     if self.progressive == "output_skip":
                         pyramid = Upsample(with_conv=False, name=name("Upsample"), **resample_kw)(pyramid)
                         pyramid = pyramid + conv3x3(channels, self.init_scale)(act(norm(h)))
@@ -293,11 +298,13 @@ class NCSNpp(nn.Module, kw_only=True):
         assert not hs
 
         if self.progressive == "output_skip":
+            assert pyramid is not None
             h = pyramid
         else:
             h = conv3x3(channels, self.init_scale)(act(norm(h)))
 
         h = h.astype(jnp.float32)
         if self.scale_by_sigma:
+            assert used_sigmas is not None  # set above whenever scale_by_sigma
             h = h / used_sigmas.reshape((B, 1, 1, 1))
         return h.astype(in_dtype)

@@ -225,11 +225,12 @@ class MSFBlock(nn.Module, kw_only=True):
 
     @nn.compact
     def __call__(self, xs: Sequence[Array]) -> Array:
-        total = None
+        total: Array | None = None
         for x in xs:
             h = _conv(self.features, x.shape[-1], self.dtype, self.param_dtype)(x)
             h = resize(h, self.shape, self.interpolation)
             total = h if total is None else total + h
+        assert total is not None  # RefineBlock passes one input or more
         return total
 
 
@@ -255,7 +256,7 @@ class RefineBlock(nn.Module, kw_only=True):
         if not self.start:
             h = MSFBlock(
                 features=self.features,
-                shape=tuple(self.output_shape),
+                shape=self.output_shape,
                 interpolation=self.interpolation,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
@@ -352,7 +353,7 @@ class NCSNv2(nn.Module, kw_only=True):
                     **kw,
                 )(h)
             layers.append(h)
-        ref = None
+        ref: Array | None = None
         for i, (_, mult) in enumerate(self.REFINES):
             skip = layers[len(layers) - 1 - i]
             inputs = [skip] if ref is None else [skip, ref]
@@ -366,6 +367,7 @@ class NCSNv2(nn.Module, kw_only=True):
                 name=name("RefineBlock"),
                 **kw,
             )(inputs)
+        assert ref is not None  # REFINES is never empty
         h = act(InstanceNorm2dPlus(ddof=self.norm_ddof, name=name("InstanceNorm2dPlus"), **kw)(ref))
         h = ncsn_conv(channels, self.nf, name=name("Conv"), **kw)(h)
         h = h.astype(jnp.float32)

@@ -49,17 +49,17 @@ def setup_kernel(k: Sequence[float]) -> np.ndarray:
 
     Returns the normalised 1-D taps (float64 numpy): the 2-D filter is their outer product.
     """
-    k = np.asarray(k, dtype=np.float64)
-    if k.ndim != 1 or k.size == 0:
+    taps = np.asarray(k, dtype=np.float64)
+    if taps.ndim != 1 or taps.size == 0:
         raise ValueError(
             f"FIR kernels must be given as 1-D taps (the 2-D filter is their outer product); "
-            f"got an array of shape {k.shape}"
+            f"got an array of shape {taps.shape}"
         )
-    total = k.sum()
+    total = taps.sum()
     if total == 0:
-        raise ValueError(f"FIR kernel taps must not sum to zero, got {tuple(k)}")
+        raise ValueError(f"FIR kernel taps must not sum to zero, got {tuple(taps)}")
     # sum(outer(k, k)) = sum(k)^2, so dividing the taps by sum(k) normalises the 2-D filter.
-    return k / total
+    return taps / total
 
 
 def _upfirdn_1d(x: Array, taps: np.ndarray, *, axis: int, up: int, down: int, pad: tuple[int, int]) -> Array:
@@ -82,13 +82,14 @@ def _upfirdn_1d(x: Array, taps: np.ndarray, *, axis: int, up: int, down: int, pa
         raise ValueError(f"upfirdn: the padded signal (length {length}) is shorter than the kernel ({K})")
     n_out = (n_full - 1) // down + 1
     flipped = taps[::-1]  # true convolution, as upfirdn2d
-    out = None
+    out: Array | None = None
     for j, c in enumerate(flipped):
         if c == 0:
             continue
         piece = lax.slice_in_dim(x, j, j + (n_out - 1) * down + 1, stride=down, axis=axis)
         term = piece * jnp.asarray(c, x.dtype)
         out = term if out is None else out + term
+    assert out is not None  # setup_kernel rejects taps that are all zero
     return out
 
 

@@ -44,7 +44,7 @@ leading axis (e.g. ``(x, delta_logp)`` with shapes ``(B, ...)`` and ``(B,)``).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import flax.struct
@@ -148,17 +148,17 @@ class Tsit5(flax.struct.PyTreeNode):
         return _tsit5_tableau()
 
 
-SOLVERS = {"dopri5": Dopri5, "tsit5": Tsit5}
+SOLVERS: dict[str, type[Dopri5 | Tsit5]] = {"dopri5": Dopri5, "tsit5": Tsit5}
 
 
-def get_solver(name: str):
+def get_solver(name: str) -> Dopri5 | Tsit5:
     """A Runge-Kutta pair by name; an unknown name raises listing the valid ones."""
     if name not in SOLVERS:
         raise ValueError(f"unknown ODE solver {name!r}; valid names: {', '.join(SOLVERS)}")
     return SOLVERS[name]()
 
 
-def _resolve_solver(solver):
+def _resolve_solver(solver: Any) -> Any:
     return get_solver(solver) if isinstance(solver, str) else solver
 
 
@@ -203,7 +203,7 @@ def _bc(c: Array, leaf: Array) -> Array:
     return c.reshape(c.shape + (1,) * (leaf.ndim - c.ndim))
 
 
-def _combine(y: PyTree, dt: Array, coeffs, ks: list[PyTree]) -> PyTree:
+def _combine(y: PyTree, dt: Array, coeffs: Iterable[float], ks: list[PyTree]) -> PyTree:
     """``y + dt * sum_j coeffs[j] k_j`` leafwise, skipping zero coefficients."""
     pairs = [(float(c), k) for c, k in zip(coeffs, ks) if c != 0.0]
     if not pairs:
@@ -216,9 +216,9 @@ def _combine(y: PyTree, dt: Array, coeffs, ks: list[PyTree]) -> PyTree:
     return jax.tree_util.tree_map(leaf, y, *[k for _, k in pairs])
 
 
-def _sum_sq(tree: PyTree, per_sample: bool) -> tuple[Array, int]:
+def _sum_sq(tree: PyTree, per_sample: bool) -> tuple[Array | int, int]:
     """Sum of squares (whole state, or per sample over non-batch axes) and the element count
-    (per sample, when ``per_sample``)."""
+    (per sample, when ``per_sample``); the sum is ``0`` for a state without leaves."""
     leaves = jax.tree_util.tree_leaves(tree)
     if per_sample:
         total = sum(jnp.sum(jnp.reshape(l, (l.shape[0], -1)) ** 2, axis=1) for l in leaves)
@@ -229,7 +229,7 @@ def _sum_sq(tree: PyTree, per_sample: bool) -> tuple[Array, int]:
     return total, count
 
 
-def _error_ratio(err, y0, y1, rtol, atol, mode: str) -> Array:
+def _error_ratio(err: PyTree, y0: PyTree, y1: PyTree, rtol: Array, atol: Array, mode: str) -> Array:
     scaled = jax.tree_util.tree_map(
         lambda e, a, b: e / (atol + rtol * jnp.maximum(jnp.abs(a), jnp.abs(b))), err, y0, y1
     )
@@ -241,7 +241,7 @@ def _error_ratio(err, y0, y1, rtol, atol, mode: str) -> Array:
     return jnp.where(jnp.isfinite(ratio), ratio, jnp.inf)
 
 
-def _scaled_norm(tree, scale_tree, mode):
+def _scaled_norm(tree: PyTree, scale_tree: PyTree, mode: str) -> Array:
     scaled = jax.tree_util.tree_map(lambda v, s: v / s, tree, scale_tree)
     total, count = _sum_sq(scaled, per_sample=mode != "rms")
     n = jnp.sqrt(total / count)
@@ -250,14 +250,13 @@ def _scaled_norm(tree, scale_tree, mode):
 
 def _batch_size(y0: PyTree) -> int:
     leaves = jax.tree_util.tree_leaves(y0)
-    sizes = {l.shape[0] if l.ndim else None for l in leaves}
-    if len(sizes) != 1 or None in sizes:
+    if any(l.ndim == 0 for l in leaves) or len({l.shape[0] for l in leaves}) != 1:
         shapes = [l.shape for l in leaves]
         raise ValueError(
             "error_norm='max' or 'per_sample' needs every leaf of the state to have the same "
             f"leading batch axis; got leaf shapes {shapes}"
         )
-    return sizes.pop()
+    return leaves[0].shape[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,8 +278,18 @@ class ODEStats(NamedTuple):
     success: Array
 
 
-def _rk_stages(vector_field, tab: ButcherTableau, y, t, dt, f0):
-    """All stages of one step; returns (y_new, err, f_new, evaluations)."""
+class _RKStep(NamedTuple):
+    """One Runge-Kutta step: the propagated solution, the local error estimate
+    ``dt * sum_i e_i k_i``, the derivative at ``y_new`` and the vector-field calls it took."""
+
+    y_new: PyTree
+    err: PyTree
+    f_new: PyTree
+    nfe: int
+
+
+def _rk_stages(vector_field: VectorField, tab: ButcherTableau, y: PyTree, t: Array, dt: Array, f0: PyTree) -> _RKStep:
+    """All stages of one step from ``y`` at ``t`` with ``f0 = vector_field(y, t)``."""
     ks = [f0]
     s = len(tab.c)
     for i in range(1, s):
@@ -293,7 +302,23 @@ def _rk_stages(vector_field, tab: ButcherTableau, y, t, dt, f0):
         y_new = _combine(y, dt, tab.b, ks)
         f_new = vector_field(y_new, t + dt)
     err = _combine(jax.tree_util.tree_map(jnp.zeros_like, y), dt, tab.e, ks)
-    return y_new, err, f_new, s - 1
+    return _RKStep(y_new, err, f_new, s - 1)
+
+
+class _AdaptiveState(NamedTuple):
+    """The ``lax.while_loop`` carry of :func:`odeint`. ``t``, ``h``, ``r_prev``, ``done``,
+    ``steps`` and ``rejected`` are scalars, or ``(B,)`` with ``error_norm="per_sample"``."""
+
+    y: PyTree  # the state at t
+    f: PyTree  # vector_field(y, t) (FSAL: the first stage of the next step)
+    t: Array
+    h: Array  # magnitude of the next step
+    r_prev: Array  # error ratio of the last accepted step (the PI controller's memory)
+    done: Array  # reached t1
+    steps: Array  # accepted steps
+    rejected: Array  # rejected steps
+    nfe: Array  # vector-field calls
+    iters: Array  # loop iterations (accepted + rejected steps), bounded by max_steps
 
 
 def odeint(
@@ -303,8 +328,8 @@ def odeint(
     t1: float | Array,
     *,
     solver: Any = "dopri5",
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
+    rtol: float | Array = 1e-5,
+    atol: float | Array = 1e-5,
     dt0: float | Array | None = None,
     max_steps: int = 4096,
     controller: PIController = PIController(),
@@ -381,7 +406,7 @@ def odeint(
     h = jnp.minimum(h, span).astype(dtype)
 
     zeros_i = jnp.zeros(t_shape, jnp.int32)
-    init = dict(
+    init = _AdaptiveState(
         y=y0,
         f=f0,
         t=t0,
@@ -394,39 +419,39 @@ def odeint(
         iters=jnp.asarray(0, jnp.int32),
     )
 
-    def cond(s):
-        return (~jnp.all(s["done"])) & (s["iters"] < max_steps)
+    def cond(s: _AdaptiveState) -> Array:
+        return (~jnp.all(s.done)) & (s.iters < max_steps)
 
-    def body(s):
-        t, h, done = s["t"], s["h"], s["done"]
+    def body(s: _AdaptiveState) -> _AdaptiveState:
+        t, h, done = s.t, s.h, s.done
         # Do not step past t1: the last step lands on t1 exactly.
         last = h >= jnp.abs(t1 - t)
         h_step = jnp.where(last, jnp.abs(t1 - t), h)
         h_step = jnp.where(done, 0.0, h_step)
         dt = direction * h_step
-        y_new, err, f_new, n = _rk_stages(vector_field, tab, s["y"], t, dt, s["f"])
-        ratio = _error_ratio(err, s["y"], y_new, rtol, atol, error_norm)
+        y_new, err, f_new, n = _rk_stages(vector_field, tab, s.y, t, dt, s.f)
+        ratio = _error_ratio(err, s.y, y_new, rtol, atol, error_norm)
         accept = (ratio <= 1.0) & ~done
-        fac = controller.factor(ratio, s["r_prev"], accept, k)
+        fac = controller.factor(ratio, s.r_prev, accept, k)
         h_new = jnp.where(done, h, h_step * fac)
         t_new = jnp.where(accept, jnp.where(last, t1, t + dt), t)
         take = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(_bc(accept, a), a, b), new, old)
-        return dict(
-            y=take(y_new, s["y"]),
-            f=take(f_new, s["f"]),
+        return _AdaptiveState(
+            y=take(y_new, s.y),
+            f=take(f_new, s.f),
             t=t_new,
             h=h_new,
-            r_prev=jnp.where(accept, jnp.maximum(ratio, 1e-4), s["r_prev"]),
+            r_prev=jnp.where(accept, jnp.maximum(ratio, 1e-4), s.r_prev),
             done=done | (accept & last),
-            steps=s["steps"] + accept.astype(jnp.int32),
-            rejected=s["rejected"] + ((~accept) & ~done).astype(jnp.int32),
-            nfe=s["nfe"] + n,
-            iters=s["iters"] + 1,
+            steps=s.steps + accept.astype(jnp.int32),
+            rejected=s.rejected + ((~accept) & ~done).astype(jnp.int32),
+            nfe=s.nfe + n,
+            iters=s.iters + 1,
         )
 
     out = jax.lax.while_loop(cond, body, init)
-    stats = ODEStats(nfe=out["nfe"], num_steps=out["steps"], num_rejected=out["rejected"], success=jnp.all(out["done"]))
-    return out["y"], stats
+    stats = ODEStats(nfe=out.nfe, num_steps=out.steps, num_rejected=out.rejected, success=jnp.all(out.done))
+    return out.y, stats
 
 
 def odeint_fixed(vector_field: VectorField, y0: PyTree, ts: Array, *, solver: Any = "dopri5") -> tuple[PyTree, Array]:
@@ -444,8 +469,8 @@ def odeint_fixed(vector_field: VectorField, y0: PyTree, ts: Array, *, solver: An
     def step(carry, tt):
         y, f = carry
         t, t_next = tt
-        y_new, _, f_new, _ = _rk_stages(vector_field, tab, y, t, t_next - t, f)
-        return (y_new, f_new), None
+        rk = _rk_stages(vector_field, tab, y, t, t_next - t, f)
+        return (rk.y_new, rk.f_new), None
 
     (y, _), _ = jax.lax.scan(step, (y0, f0), (ts[:-1], ts[1:]))
     n = ts.shape[0] - 1

@@ -19,14 +19,15 @@ import logging
 import pathlib
 import shutil
 import time
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer", "NoCheckpointError", "CheckpointSaveError"]
+__all__ = ["Checkpointer", "Restored", "NoCheckpointError", "CheckpointSaveError"]
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +45,11 @@ class CheckpointSaveError(RuntimeError):
         self.step, self.disk_full, self.intact = step, disk_full, intact
 
 
-def _is_disk_full(error: BaseException) -> bool:
+def _is_disk_full(error: BaseException | None) -> bool:
     """ENOSPC anywhere in the exception chain. Orbax writes arrays through TensorStore, which
     reports it as ``ValueError: RESOURCE_EXHAUSTED ... No space left on device [os_error_code='28']``
     rather than as an ``OSError``."""
-    seen = set()
+    seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, OSError) and error.errno == errno.ENOSPC:
@@ -65,11 +66,27 @@ def _first_line(error: BaseException, limit: int = 300) -> str:
     return f"{type(error).__name__}: {text[:limit]}"
 
 
+class Restored(NamedTuple):
+    """What :meth:`Checkpointer.restore` returns (it unpacks like the tuple
+    ``(step, state, meta, errors)``).
+
+    ``step``: the step of the checkpoint restored. ``state``: the state pytree, with the
+    structure, shapes and dtypes of the template. ``meta``: the JSON saved with it (``step``,
+    and what the caller passed to :meth:`Checkpointer.save`). ``errors``: one message per newer
+    checkpoint that could not be read and was skipped (empty when the newest one restored).
+    """
+
+    step: int
+    state: Any
+    meta: dict[str, Any]
+    errors: list[str]
+
+
 class _IteratorState:
     """Presents any iterator with ``get_state()`` / ``set_state()`` (a JSON-serialisable state,
     or bytes) to grain's orbax handler, which writes one file per process."""
 
-    def __init__(self, iterator):
+    def __init__(self, iterator: Any):
         self.iterator = iterator
 
     def get_state(self) -> bytes:
@@ -139,7 +156,9 @@ class Checkpointer:
         self._failed = False
 
     # -- saving ------------------------------------------------------------------------------
-    def save(self, step: int, state: Any, *, data_iterator=None, meta: dict | None = None, force: bool = True) -> bool:
+    def save(
+        self, step: int, state: Any, *, data_iterator: Any = None, meta: dict | None = None, force: bool = True
+    ) -> bool:
         self.wait()  # report a failed previous save under its own step
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(dict(meta or {}, step=int(step)))}
         if data_iterator is not None:
@@ -171,7 +190,7 @@ class Checkpointer:
             self.manager.close()
 
     @contextlib.contextmanager
-    def _reporting(self, step: int | None):
+    def _reporting(self, step: int | None) -> Iterator[None]:
         """Turn any exception of an orbax save or wait into :class:`CheckpointSaveError`."""
         try:
             yield
@@ -226,12 +245,9 @@ class Checkpointer:
         self.manager.reload()
         return sorted(self.manager.all_steps())
 
-    def latest_step(self) -> int | None:
-        steps = self.steps()
-        return steps[-1] if steps else None
-
-    def restore(self, template_state: Any, *, data_iterator=None, step: int | None = None):
-        """Restore ``(step, state, meta, errors)`` (and the data iterator in place).
+    def restore(self, template_state: Any, *, data_iterator: Any = None, step: int | None = None) -> Restored:
+        """Restore the state, as a :class:`Restored` ``(step, state, meta, errors)`` (and the data
+        iterator in place).
 
         With ``step=None`` the newest checkpoint is tried first; if it cannot be read (partial,
         corrupt, or written by an incompatible model) the next older one is tried, with a warning
@@ -242,7 +258,8 @@ class Checkpointer:
         if not steps:
             raise NoCheckpointError(f"no checkpoint in {self.directory}")
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template_state)
-        errors, unreadable = [], []
+        errors: list[str] = []
+        unreadable: list[int] = []
         for s in reversed(steps):
             items = {"state": ocp.args.StandardRestore(abstract), "meta": ocp.args.JsonRestore()}
             if data_iterator is not None:
@@ -264,10 +281,11 @@ class Checkpointer:
                 errors.append(msg)
                 unreadable.append(s)
                 continue
+            assert restored is not None  # this process read it (error is None)
             if unreadable:
                 log.warning("resumed from checkpoint %d after skipping %d unreadable newer one(s)", s, len(unreadable))
                 self._quarantine(unreadable)
-            return s, restored["state"], restored["meta"], errors
+            return Restored(step=s, state=restored["state"], meta=restored["meta"], errors=errors)
         raise NoCheckpointError("no checkpoint could be restored:\n  " + "\n  ".join(errors))
 
     def _quarantine(self, steps: list[int]) -> None:

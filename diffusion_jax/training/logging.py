@@ -129,7 +129,7 @@ def save_image_grid(
     grid = image_grid(images, value_range=value_range, ncol=ncol)
     img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     if upscale > 1:
-        img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
+        img = img.resize((img.width * upscale, img.height * upscale), Image.Resampling.NEAREST)
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
