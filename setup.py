@@ -28,7 +28,10 @@ setup(
         "pillow>=10",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3", "scipy>=1.11", "ruff==0.17.6", "mypy==2.4.1"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "scipy>=1.11", "ruff==0.17.6", "mypy==2.4.1", "regex", "ftfy"],
+        # CLIP's BPE vocabulary ships inside open-clip-torch, read in place without importing it:
+        # install it with `pip install --no-deps open-clip-torch` (its own dependencies are torch).
+        "clip": ["regex>=2023.0", "ftfy>=6.1"],
         # Converting score_sde_pytorch checkpoints reads .pth files with torch's weights-only loader.
         "convert": ["torch>=2.4"],
         # Optional comparison against k-diffusion in scripts/benchmark_samplers.py.

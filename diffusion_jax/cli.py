@@ -8,8 +8,8 @@ bad config, missing data) is one message on stderr and exit status 2, never a tr
 from __future__ import annotations
 
 import argparse
+import copy
 import errno
-import logging
 import sys
 from collections.abc import Sequence
 
@@ -28,21 +28,13 @@ EXIT_STATUS = """exit status:
   2    a usage, config or data problem (the message says what to change)
   3    training diverged (non-finite loss under training.nan_policy)
   4    a checkpoint or log could not be written (e.g. disk full); saved checkpoints are intact
+  130  interrupted (Ctrl-C); train saves a checkpoint first (rerun to resume), a second Ctrl-C quits at once
   143  stopped by SIGTERM or a preemption notice after saving a checkpoint (rerun to resume)"""
 
 CONFIG_HELP = """configs:
   Config files live in configs/ (each file's docstring starts with the command that runs it).
   Every key, its type, default and meaning: docs/config.md. Override any key with
   --config.SECTION.KEY=VALUE, e.g. --config.training.batch_size=64 --config.model.ch_mult=1,2,2."""
-
-# Notices of the libraries underneath that say nothing about the run: orbax opening checkpoints
-# read-only for eval/sample, tfds decoding images with PIL.
-_QUIET_NOTICES = ("CheckpointManagerOptions.read_only=True", "Given directory is read only", "OpenCV is not installed")
-
-
-class _DropNotices(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not any(n in record.getMessage() for n in _QUIET_NOTICES)
 
 
 class UsageError(Exception):
@@ -73,6 +65,16 @@ def _count(minimum: int):
     return parse
 
 
+def _labels(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected non-negative class labels, got {text!r}")
+    return values
+
+
 def _mode_parser(mode: str) -> _Parser:
     p = _Parser(
         prog=f"diffusion-jax {mode}",
@@ -81,7 +83,15 @@ def _mode_parser(mode: str) -> _Parser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
-    p.add_argument("--config", required=True, metavar="CONFIG.py", help="the experiment config file (configs/...)")
+    if mode in ("eval", "sample"):
+        p.add_argument(
+            "--config",
+            metavar="CONFIG.py",
+            help="the experiment config file (default: the workdir's own config.py; another may change only "
+            "sampling, eval and seed keys)",
+        )
+    else:
+        p.add_argument("--config", required=True, metavar="CONFIG.py", help="the experiment config file (configs/...)")
     p.add_argument("--workdir", required=True, metavar="DIR", help="checkpoints, metrics, samples and config.json")
     p.add_argument(
         "--print_config", action="store_true", help="print the resolved config (after overrides), run nothing"
@@ -98,6 +108,11 @@ def _mode_parser(mode: str) -> _Parser:
         p.add_argument("--num_samples", type=_count(1), metavar="N", help="number of samples (eval.num_samples)")
         p.add_argument("--out", metavar="PATH", help="output path without suffix (writes PATH.npz and PATH.png)")
         p.add_argument("--step", type=_count(0), metavar="STEP", help="checkpoint step (default: the newest)")
+        which = p.add_mutually_exclusive_group()
+        which.add_argument(
+            "--labels", type=_labels, metavar="Y1,Y2,...", help="class of each sample (class-conditional networks)"
+        )
+        which.add_argument("--label", type=_count(0), metavar="Y", help="one class for every sample")
     if mode == "convert":
         p.add_argument("--checkpoint", required=True, metavar="FILE", help="the score_sde checkpoint (.pth or msgpack)")
         p.add_argument(
@@ -119,7 +134,8 @@ def _top_help() -> str:
     width = max(map(len, MODES))
     modes = "\n".join(f"  {m.ljust(width)}  {h}" for m, h in MODES.items())
     return (
-        "usage: diffusion-jax MODE --config CONFIG.py --workdir DIR [flags] [--config.SECTION.KEY=VALUE ...]\n\n"
+        "usage: diffusion-jax MODE --config CONFIG.py --workdir DIR [flags] [--config.SECTION.KEY=VALUE ...]\n"
+        "       diffusion-jax {eval,sample} --workdir DIR [flags]  (the workdir's own config)\n\n"
         "Score-based diffusion models in JAX: train, evaluate, sample and convert from a config.\n\n"
         f"modes:\n{modes}\n\n'diffusion-jax MODE --help' lists a mode's flags.\n\n{CONFIG_HELP}\n\n{EXIT_STATUS}"
     )
@@ -145,17 +161,21 @@ def _split_overrides(args: Sequence[str]) -> tuple[list[str], list[tuple[str, st
     return rest, overrides
 
 
-def _quiet_logs() -> None:
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    logging.getLogger("absl").addFilter(_DropNotices())
-    logging.getLogger("jax").setLevel(logging.WARNING)  # e.g. the notice that no TPU runtime is installed
-
-
-def resolve_config(path: str, overrides: Sequence[tuple[str, str]]):
-    """The config file with the command line's overrides applied and checked against the schema."""
-    config = config_lib.load_config(path)
+def resolve_config(mode: str, path: str | None, workdir: str, overrides: Sequence[tuple[str, str]]):
+    """The config of a run, with the command line's overrides applied and checked against the
+    schema. ``eval`` and ``sample`` start from the workdir's stored config; a ``--config`` or
+    overrides there may change only what sampling and evaluation may change."""
+    stored = config_lib.workdir_config(workdir) if mode in ("eval", "sample") else None
+    if path is None:
+        if stored is None:
+            raise ConfigError(f"--config is required: {workdir} holds no config.py or config.json (train first)")
+        config = copy.deepcopy(stored)
+    else:
+        config = config_lib.load_config(path)
     config_lib.apply_overrides(config, overrides)
     config_lib.validate_config(config, build=False)
+    if stored is not None:
+        config_lib.check_mutable(stored, config, workdir)
     return config
 
 
@@ -178,7 +198,7 @@ def run(argv: Sequence[str]) -> int:
         flags = parser.parse_args(rest)
         if flags.overrides:
             raise UsageError(f"unexpected argument(s) {' '.join(flags.overrides)} (see '{parser.prog} --help')")
-        config = resolve_config(flags.config, overrides)
+        config = resolve_config(mode, flags.config, flags.workdir, overrides)
     except UsageError as e:
         _say(f"diffusion-jax {mode}: {e}")
         return 2
@@ -197,12 +217,13 @@ def run(argv: Sequence[str]) -> int:
 
 
 def _run_mode(mode: str, flags: argparse.Namespace, config) -> int:
-    _quiet_logs()
     from diffusion_jax import modes
+    from diffusion_jax.modes.setup import quiet_library_notices
     from diffusion_jax.training.checkpoint import CheckpointSaveError
     from diffusion_jax.training.distributed import compilation_cache
-    from diffusion_jax.training.loop import Preempted, TrainingDiverged
+    from diffusion_jax.training.loop import Interrupted, Preempted, TrainingDiverged, quit_on_interrupt
 
+    quiet_library_notices()
     if not flags.no_compilation_cache:
         compilation_cache(flags.cache_dir)
     try:
@@ -213,10 +234,20 @@ def _run_mode(mode: str, flags: argparse.Namespace, config) -> int:
         elif mode == "eval":
             modes.evaluate(config, flags.workdir)
         else:
-            modes.sample(config, flags.workdir, num_samples=flags.num_samples, out=flags.out, step=flags.step)
+            labels = flags.labels if flags.label is None else [flags.label]
+            modes.sample(
+                config, flags.workdir, num_samples=flags.num_samples, out=flags.out, step=flags.step, labels=labels
+            )
     except ConfigError as e:
         _say(f"diffusion-jax {mode}: {e}")
         return 2
+    except Interrupted as e:
+        _say(f"diffusion-jax {mode}: {e}")
+        return 130
+    except KeyboardInterrupt:
+        quit_on_interrupt()
+        _say(f"diffusion-jax {mode}: interrupted; what was saved before (checkpoints, finished results) is intact")
+        return 130
     except Preempted as e:
         _say(f"diffusion-jax {mode}: {e}")
         return 143

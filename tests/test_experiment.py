@@ -36,10 +36,13 @@ TINY = [
 ]
 
 
-def run(mode, workdir, *extra, env_extra=None, check=True):
+def run(mode, workdir, *extra, env_extra=None, check=True, config=True):
+    """``diffusion-jax MODE`` on ``workdir``: with the test config and TINY, or (``config=False``)
+    from the workdir alone."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), DIFFUSION_JAX_DATA_DIR=str(workdir.parent / "data"))
     env.update(env_extra or {})
-    cmd = [sys.executable, "-m", "diffusion_jax", mode, f"--config={CONFIG}", f"--workdir={workdir}", *TINY, *extra]
+    given = [f"--config={CONFIG}", *TINY] if config else []
+    cmd = [sys.executable, "-m", "diffusion_jax", mode, f"--workdir={workdir}", *given, *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(f"{mode} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -67,7 +70,9 @@ def test_train_eval_sample(trained):
     assert any((work / "tensorboard").iterdir())
     assert sorted(os.listdir(work / "checkpoints")) == ["2", "4"]
 
-    proc = run("eval", work, "--config.eval.enable_sampling=True", "--config.eval.enable_bpd=True")
+    # The workdir is the unit: eval and sample need no config, only what may change.
+    assert (work / "config.py").exists()
+    proc = run("eval", work, "--config.eval.enable_sampling=True", "--config.eval.enable_bpd=True", config=False)
     res = json.loads((work / "eval" / "results_00000004.json").read_text())
     assert res["eval_examples"] == 297  # the whole digits test split, no dropped remainder
     assert np.isfinite(res["eval_loss"])
@@ -75,13 +80,25 @@ def test_train_eval_sample(trained):
     assert res["sampling_nfe"] > 0
     samples = np.load(work / "eval" / "samples_00000004.npz")["samples"]
     assert samples.shape == (4, 8, 8, 1)
+    # A rerun (e.g. after Ctrl-C) keeps what was evaluated with the same settings.
+    proc = run("eval", work, "--config.eval.enable_sampling=True", "--config.eval.enable_bpd=True", config=False)
+    assert "checkpoint 4: evaluated before with these settings" in proc.stdout
+    assert json.loads((work / "eval" / "results_00000004.json").read_text())["eval_loss"] == res["eval_loss"]
 
     out = work / "my_samples"
-    proc = run("sample", work, "--num_samples=6", f"--out={out}")
-    x = np.load(str(out) + ".npz")["samples"]
+    proc = run("sample", work, "--num_samples=6", f"--out={out}", "--config.sampling.method=ddim", config=False)
+    saved = np.load(str(out) + ".npz")
+    x = saved["samples"]
     assert x.shape == (6, 8, 8, 1) and np.all(np.isfinite(x))
+    settings = json.loads(str(saved["settings"]))
+    assert settings["sampling.method"] == "ddim" and settings["step"] == 4 and settings["nfe"] == 3 + 1  # + denoise
     assert pathlib.Path(str(out) + ".png").exists()
     assert "wrote 6 samples of checkpoint 4" in proc.stdout
+    # What fixes the trained model cannot change; an unconditional network takes no labels.
+    proc = run("sample", work, "--config.model.nf=16", config=False, check=False)
+    assert proc.returncode == 2 and "trained with other values of model.nf" in proc.stderr
+    proc = run("sample", work, "--label=3", config=False, check=False)
+    assert proc.returncode == 2 and "labels need a class-conditional network" in proc.stderr
 
 
 def _config_with(overrides):
@@ -102,31 +119,48 @@ def _config_with(overrides):
 
 
 @pytest.mark.slow
-def test_load_params_gives_a_trained_model(trained, monkeypatch):
-    """The library route to a trained model: load_params -> score_fn -> sample."""
+def test_load_gives_a_trained_model(trained, monkeypatch):
+    """diffusion_jax.load(workdir): the config, SDE, network and EMA parameters of a checkpoint,
+    with sample (any sampler by name) and the likelihoods."""
     import jax
 
     import diffusion_jax
-    from diffusion_jax import samplers
     from diffusion_jax.builders.config import ConfigError
-    from diffusion_jax.modes.load import load_params
 
     work, _ = trained
     monkeypatch.setenv("DIFFUSION_JAX_DATA_DIR", str(work.parent / "data"))
+    model = diffusion_jax.load(work, step=2)
+    assert model.step == 2 and model.shape == (8, 8, 1) and model.config.model.nf == 8
+    x, info = model.sample(jax.random.PRNGKey(0), 2, sampler="dpmpp_2m", num_steps=3)
+    assert x.shape == (2, 8, 8, 1) and np.all(np.isfinite(x)) and int(info.nfe) == 3
+    levels = jax.numpy.asarray(np.random.default_rng(0).integers(0, 17, (2, 8, 8, 1)))
+    bpd, _ = model.bits_per_dim(jax.random.PRNGKey(1), levels, rtol=1e-2, atol=1e-2)
+    assert bpd.shape == (2,) and np.all(np.isfinite(np.asarray(bpd)))
     config = _config_with(TINY)
-    exp, step, params = load_params(config, work, step=2)
-    assert step == 2
-    x, info = diffusion_jax.sample(
-        jax.random.PRNGKey(0),
-        exp.score_fn(params),
-        exp.sde,
-        (2,) + exp.input_shape,
-        samplers.get_sampler("dpmpp_2m", num_steps=3),
-    )
-    assert x.shape == (2, 8, 8, 1) and bool(np.all(np.isfinite(np.asarray(x)))) and int(info.nfe) == 3
     config.model.nf = 16  # a different network cannot load this workdir
     with pytest.raises(ConfigError, match="model.nf"):
-        load_params(config, work)
+        diffusion_jax.load(work, config=config)
+
+
+@pytest.mark.slow
+def test_labels_choose_the_class_and_are_saved(tmp_path, monkeypatch):
+    """A class-conditional network: sample --labels writes the labels next to the samples, and
+    load().sample takes them too."""
+    import jax
+
+    import diffusion_jax
+    from diffusion_jax import modes
+
+    monkeypatch.setenv("DIFFUSION_JAX_DATA_DIR", str(tmp_path / "data"))
+    extra = ["--config.model.num_classes=10", "--config.training.n_iters=1", "--config.training.eval_freq=100"]
+    config = _config_with([*TINY, "--config.training.snapshot_sampling=False", *extra])
+    modes.train(config, tmp_path / "w")
+    out = modes.sample(config, tmp_path / "w", labels=[3, 3, 7], out=str(tmp_path / "s"))
+    saved = np.load(out)
+    assert saved["samples"].shape == (3, 8, 8, 1) and saved["labels"].tolist() == [3, 3, 7]
+    model = diffusion_jax.load(tmp_path / "w")
+    x, _ = model.sample(jax.random.PRNGKey(0), 2, labels=5, guidance_scale=1.0)
+    assert x.shape == (2, 8, 8, 1) and np.all(np.isfinite(x))
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import pathlib
 import shutil
 import signal
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -46,8 +47,8 @@ def _truncate_newest(work) -> int:
 
 @pytest.mark.slow
 def test_kills_and_bad_checkpoints_lose_no_work(scale_reference, scale_data_dir, tmp_path):
-    """SIGKILL, SIGTERM, SIGKILL after corrupting the newest checkpoint, SIGTERM, then a run to the
-    end after deleting half of the newest checkpoint: the final state and the metric history
+    """SIGKILL, SIGTERM, SIGKILL after corrupting the newest checkpoint, Ctrl-C, Ctrl-C twice, then
+    a run to the end after deleting half of the newest checkpoint: the final state and the metric history
     equal those of the uninterrupted scale_reference run, bit for bit."""
     work = tmp_path / "run"
     args = (f"--config.training.n_iters={N}",)
@@ -87,11 +88,24 @@ def test_kills_and_bad_checkpoints_lose_no_work(scale_reference, scale_data_dir,
     moved = list((tmp_path / "run" / "checkpoints_unreadable").iterdir())
     assert [p.name.split("-")[0] for p in moved] == [str(bad)]  # kept aside for inspection
 
-    # 4. SIGTERM again.
+    # 4. Ctrl-C (SIGINT): saves at the step it reached, exits with 130 and says how to resume.
     r = start()
     wait_for_step(work, resume_point(), r)
-    r.signal(signal.SIGTERM)
-    assert r.wait() == 143, r.stderr[-2000:]
+    r.signal(signal.SIGINT)
+    assert r.wait() == 130, r.stderr[-2000:]
+    stopped = int(r.stderr.split("interrupted at step ")[1].split(";")[0])
+    assert "rerun the same command to resume" in r.stderr and "Traceback" not in r.stderr
+    assert checkpoint_steps(work)[-1] == stopped
+
+    # 4b. Ctrl-C twice: the second quits at once, with no traceback (the work since the last
+    # checkpoint is redone on resume, as after a kill).
+    r = start()
+    wait_for_step(work, resume_point(), r)
+    r.signal(signal.SIGINT)
+    time.sleep(0.3)
+    r.signal(signal.SIGINT)
+    assert r.wait() == 130, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
 
     # 5. Half of the newest checkpoint is missing: fall back again and run to the end.
     bad = _truncate_newest(work)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import json
 import math
 import os
 import runpy
@@ -48,7 +49,14 @@ __all__ = [
     "registries",
     "to_python",
     "markdown",
+    "MUTABLE_KEYS",
+    "workdir_config",
+    "check_mutable",
 ]
+
+# What may differ from a workdir's stored config when its checkpoints are sampled or evaluated:
+# the sampler, the evaluation, the seed, where the data and the other processes are.
+MUTABLE_KEYS = ("seed", "sampling", "eval", "distributed", "data.data_dir", "data.num_threads", "data.num_workers")
 
 
 class ConfigError(ValueError):
@@ -354,12 +362,19 @@ def with_defaults(partial: ml_collections.ConfigDict | dict) -> ml_collections.C
 
 def load_config(path: str, relative_to: str | None = None) -> ml_collections.ConfigDict:
     """``get_config()`` of the config file at ``path`` (relative to the file ``relative_to``,
-    e.g. ``__file__``): how a variant config starts from its base without import paths. A missing
-    file, a file without ``get_config`` or one that raises gives a :class:`ConfigError`."""
+    e.g. ``__file__``): how a variant config starts from its base without import paths. A
+    ``.json`` file (a workdir's ``config.json``) is read as a config too. A missing file, a file
+    without ``get_config`` or one that raises gives a :class:`ConfigError`."""
     if relative_to is not None:
         path = os.path.join(os.path.dirname(os.path.abspath(relative_to)), path)
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path} does not exist")
+    if path.endswith(".json"):
+        try:
+            with open(path) as f:
+                return with_defaults(json.load(f))
+        except ValueError as e:
+            raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
     try:
         module = runpy.run_path(path)
         if "get_config" not in module:
@@ -431,6 +446,30 @@ def markdown() -> str:
             out.append(f"| `{k.path}` | {k.type_name} | `{default}` | {meaning.replace('|', '/')} |")
         out.append("")
     return "\n".join(out)
+
+
+def workdir_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict | None:
+    """The config a workdir was trained with (its ``config.py``, else ``config.json``), or None."""
+    for name in ("config.py", "config.json"):
+        path = os.path.join(workdir, name)
+        if os.path.isfile(path):
+            return load_config(path)
+    return None
+
+
+def _mutable(path: str) -> bool:
+    return any(path == k or path.startswith(k + ".") for k in MUTABLE_KEYS)
+
+
+def check_mutable(stored: ml_collections.ConfigDict, config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Refuse a config for an existing workdir that differs from the stored one in a key that
+    fixes what was trained (anything outside :data:`MUTABLE_KEYS`)."""
+    bad = [k for k in config_diff(stored, config) if not _mutable(k)]
+    if bad:
+        raise ConfigError(
+            f"workdir {workdir} was trained with other values of {', '.join(bad)}; sampling and evaluation may "
+            f"change only {', '.join(MUTABLE_KEYS)}. Drop --config to use the workdir's own config."
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -69,8 +69,8 @@ def convert(config, workdir, *, checkpoint, source: str = "score_sde_pytorch") -
     optimizer = diffusion_builders.build_optimizer(config)
     state = init_train_state(params, optimizer, jax.random.PRNGKey(config.seed))
     state = state.replace(step=jnp.asarray(step, jnp.int32), ema_params=ema)
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    if run.primary:
+        setup.write_config(workdir, config)
     checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", async_save=False)
     try:
         checkpointer.save(

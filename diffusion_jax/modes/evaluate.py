@@ -38,7 +38,19 @@ def evaluate(config, workdir) -> dict:
     if primary:
         out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
+    # What a result depends on besides the checkpoint: a rerun (e.g. after Ctrl-C) keeps the
+    # results already computed with the same settings and evaluates the rest.
+    settings = json.loads(
+        json.dumps({"eval": config.eval.to_dict(), "sampling": config.sampling.to_dict(), "seed": config.seed})
+    )
     for step in chosen:
+        done = out_dir / f"results_{step:08d}.json"
+        previous = _previous(done, settings)
+        if previous is not None:
+            results[step] = previous
+            if primary:
+                print(f"checkpoint {step}: evaluated before with these settings ({done.name})", flush=True)
+            continue
         _, state = setup.restore_state(config, exp, workdir, step)
         params = state.ema_params
         res: dict[str, Any] = {"step": step}
@@ -62,9 +74,20 @@ def evaluate(config, workdir) -> dict:
             res.update(evaluate_bpd(config, exp, params, step=step))
         results[step] = res
         if primary:
-            setup.write_atomically(out_dir / f"results_{step:08d}.json", json.dumps(res, indent=2))
+            setup.write_atomically(done, json.dumps({**res, "settings": settings}, indent=2))
             print(json.dumps(res), flush=True)
     return results
+
+
+def _previous(path, settings: dict) -> dict | None:
+    """The results stored at ``path`` if they were computed with ``settings``, else None."""
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if stored.pop("settings", None) != settings:
+        return None
+    return stored
 
 
 def _eval_loss(config, exp: Experiment, params, step: int) -> dict:

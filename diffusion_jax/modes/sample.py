@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax.builders.config import ConfigError
 from diffusion_jax.builders.sampler import build_sampler
 from diffusion_jax.modes import setup
 
@@ -15,27 +20,45 @@ __all__ = ["sample"]
 
 
 def sample(
-    config, workdir, *, num_samples: int | None = None, out: str | None = None, step: int | None = None
+    config,
+    workdir,
+    *,
+    num_samples: int | None = None,
+    out: str | None = None,
+    step: int | None = None,
+    labels: Sequence[int] | None = None,
 ) -> pathlib.Path:
-    """Write ``num_samples`` samples of a checkpoint (newest by default) with ``config.sampling``:
-    ``<out>.npz`` (values in the data's range) and ``<out>.png`` (a grid); process 0 writes.
-    The data set need not be present: the config describes the samples."""
+    """Write samples of a checkpoint (newest by default) with ``config.sampling``: ``<out>.npz``
+    (``samples`` in the data's range, the class ``labels`` of a class-conditional network, and
+    the sampler settings) and ``<out>.png`` (a grid); process 0 writes. ``labels`` gives one class
+    per sample (repeated to ``num_samples`` when it has one entry); by default a class-conditional
+    network cycles through its classes. The data set need not be present: the config describes
+    the samples."""
     run = setup.prepare(config, workdir, create=False, need_data=False)
     config, workdir, exp = run.config, run.workdir, run.exp
+    n = num_samples or (len(labels) if labels is not None and len(labels) > 1 else config.eval.num_samples)
+    chosen = _labels(exp, labels, n)
     setup.checkpoint_steps(workdir)
     got, state = setup.restore_state(config, exp, workdir, step)
-    n = num_samples or config.eval.num_samples
     sampler = build_sampler(config, sde=exp.sde)
     t0 = time.perf_counter()
     x, sinfo = setup.sample_images(
-        exp, state.ema_params, jax.random.PRNGKey(config.seed + got), n, sampler, labels=setup.class_labels(exp, n)
+        exp, state.ema_params, jax.random.PRNGKey(config.seed + got), n, sampler, labels=chosen
     )
     seconds = time.perf_counter() - t0
     out_path = pathlib.Path(out) if out else workdir / "samples" / f"samples_{got:08d}_{config.sampling.method}"
     if not run.primary:
         return out_path.with_suffix(".npz")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out_path.with_suffix(".npz"), samples=exp.to_data_range(x))
+    settings = {f"sampling.{k}": v for k, v in config.sampling.to_dict().items()}
+    settings.update(step=got, seed=config.seed, nfe=int(np.asarray(sinfo.nfe)))
+    arrays: dict[str, Any] = {
+        "samples": exp.to_data_range(x),
+        "settings": np.asarray(json.dumps(settings, default=str)),
+    }
+    if chosen is not None:
+        arrays["labels"] = np.asarray(chosen)
+    np.savez(out_path.with_suffix(".npz"), **arrays)
     setup.save_samples(exp, x, out_path.with_suffix(".png"))
     print(
         f"wrote {n} samples of checkpoint {got} ({config.sampling.method}, nfe={int(np.asarray(sinfo.nfe))}, "
@@ -43,3 +66,20 @@ def sample(
         flush=True,
     )
     return out_path.with_suffix(".npz")
+
+
+def _labels(exp, labels: Sequence[int] | None, n: int):
+    """The class of each sample, checked against the network (a ConfigError names the problem)."""
+    if labels is None:
+        return setup.class_labels(exp, n)
+    num_classes = exp.config.model.num_classes
+    if not num_classes:
+        raise ConfigError("labels need a class-conditional network (model.num_classes > 0); this one has none")
+    bad = [y for y in labels if not 0 <= y < num_classes]
+    if bad:
+        raise ConfigError(f"labels {bad} are outside the network's classes 0..{num_classes - 1}")
+    if len(labels) == 1:
+        labels = list(labels) * n
+    if len(labels) != n:
+        raise ConfigError(f"{len(labels)} labels for {n} samples; give one label, or one per sample")
+    return jnp.asarray(labels, jnp.int32)

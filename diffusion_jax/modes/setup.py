@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import logging
 import os
 import pathlib
 from typing import Any
@@ -43,6 +44,8 @@ __all__ = [
     "class_labels",
     "save_samples",
     "write_atomically",
+    "write_config",
+    "quiet_library_notices",
 ]
 
 # Keys whose change makes a workdir's checkpoints unusable or its results incomparable.
@@ -58,6 +61,25 @@ INCOMPATIBLE_KEYS = (
     "data.num_levels",
     "optim.optimizer",
 )
+
+
+# Notices of the libraries underneath that say nothing about the run: orbax opening checkpoints
+# read-only for eval/sample, tfds decoding images with PIL.
+_QUIET_NOTICES = ("CheckpointManagerOptions.read_only=True", "Given directory is read only", "OpenCV is not installed")
+
+
+class _DropNotices(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(n in record.getMessage() for n in _QUIET_NOTICES)
+
+
+def quiet_library_notices() -> None:
+    """Only warnings and errors from absl (orbax, tfds) and JAX, without the notices above."""
+    absl_log = logging.getLogger("absl")
+    absl_log.setLevel(logging.WARNING)
+    if not any(isinstance(f, _DropNotices) for f in absl_log.filters):
+        absl_log.addFilter(_DropNotices())
+    logging.getLogger("jax").setLevel(logging.WARNING)  # e.g. the notice that no TPU runtime is installed
 
 
 @dataclasses.dataclass
@@ -167,6 +189,14 @@ def prepare(config, workdir, *, create: bool, need_data: bool = True) -> Run:
     return Run(config, workdir, exp, jax.process_index() == 0)
 
 
+def write_config(workdir: pathlib.Path, config) -> None:
+    """The run's config as ``config.json`` (read back to check later runs) and ``config.py`` (a
+    config file that ``eval``, ``sample`` and ``--config`` load)."""
+    write_atomically(workdir / "config.json", config.to_json_best_effort(indent=2))
+    title = f"The config this workdir was trained with: diffusion-jax sample --workdir {workdir}"
+    write_atomically(workdir / "config.py", config_lib.to_python(config, title=title))
+
+
 def write_atomically(path: pathlib.Path, text: str) -> None:
     """Write a file whole or not at all (a temporary file renamed into place), so neither a
     kill, a full disk, nor another host reading it at the same moment sees half of it."""
@@ -219,7 +249,7 @@ def restore_state(config, exp: Experiment, workdir: pathlib.Path, step: int | No
         restored = checkpointer.restore(template, step=step)
     finally:
         checkpointer.close()
-    return restored[0], restored[1]
+    return restored.step, restored.state
 
 
 def class_labels(exp: Experiment, n: int):

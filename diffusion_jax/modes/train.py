@@ -40,7 +40,7 @@ def train(config, workdir, *, stop_after: int | None = None) -> loop_lib.RunSumm
     if primary:
         # Written once the data and the network are known to build, so a failed start does
         # not tie the workdir to a config that never ran.
-        setup.write_atomically(workdir / "config.json", config.to_json_best_effort(indent=2))
+        setup.write_config(workdir, config)
         print(
             f"global batch {training.batch_size} = {jax.process_count()} host(s) x {jax.local_device_count()} "
             f"device(s) x {per_device} example(s)"
@@ -67,7 +67,7 @@ def train(config, workdir, *, stop_after: int | None = None) -> loop_lib.RunSumm
     try:
         try:
             restored = checkpointer.restore(state, data_iterator=train_iter)
-            step, state, errors = restored[0], restored[1], restored[3]
+            step, state, errors = restored.step, restored.state, restored.errors
             writer.truncate(step)
             if primary:
                 skipped = f" (skipped {len(errors)} unreadable newer checkpoint(s), see the warnings)" if errors else ""

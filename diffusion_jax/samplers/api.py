@@ -41,7 +41,7 @@ from diffusion_jax.solvers.ode import get_solver
 
 Array = jax.Array
 
-__all__ = ["sample", "SAMPLERS", "get_sampler", "sampler_fields"]
+__all__ = ["sample", "SAMPLERS", "get_sampler", "sampler_fields", "registry_markdown"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,6 +205,30 @@ def get_sampler(name: str | type[Sampler], **kwargs) -> Sampler:
     return ctor(**kwargs)
 
 
+def registry_markdown() -> str:
+    """A Markdown table of every registered sampler with its default settings (docs/samplers.md)."""
+    rows = [
+        "| name | class | stochastic (defaults) | linear SDE only | fields (defaults) |",
+        "|---|---|---|---|---|",
+    ]
+    for name in SAMPLERS:
+        smp = get_sampler(name)
+        ctor = SAMPLERS[name]
+        if inspect.isfunction(ctor):  # a factory: its own arguments and defaults
+            defaults = {p.name: p.default for p in inspect.signature(ctor).parameters.values()}
+        else:
+            defaults = {f.name: getattr(smp, f.name) for f in dataclasses.fields(smp) if f.name in sampler_fields(name)}
+        fields = []
+        for key, value in defaults.items():
+            shown = type(value).__name__ + "()" if dataclasses.is_dataclass(value) else repr(value)
+            fields.append(f"`{key}={shown}`")
+        rows.append(
+            f"| `{name}` | `{type(smp).__name__}` | {'yes' if smp.is_stochastic() else 'no'} | "
+            f"{'yes' if smp.needs_marginals else 'no'} | {', '.join(fields)} |"
+        )
+    return "\n".join(rows)
+
+
 # --------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------
@@ -284,7 +308,7 @@ def sample(
 
     Returns:
       ``(samples, info)``: samples of shape ``shape``; :class:`SampleInfo` with the exact number of
-      score evaluations ``info.nfe``.
+      score evaluations ``info.nfe`` (a Python int; reading the counts waits for the samples).
 
     The whole sampler runs under one ``jax.jit``: fixed grids in ``lax.scan``, the adaptive ODE
     solver in ``lax.while_loop``; nothing returns to the host between steps.
@@ -314,7 +338,7 @@ def sample(
     if not jnp.issubdtype(dt, jnp.floating):
         raise ValueError(f"dtype must be floating point, got {dt}")
     fn_dynamic, fn_static = _partition(score_fn)
-    return _sample_jit(
+    x, info = _sample_jit(
         key,
         fn_dynamic,
         sde,
@@ -326,4 +350,22 @@ def sample(
         per_sample_keys=bool(per_sample_keys),
         return_trajectory=bool(return_trajectory),
         kind=kind,
+    )
+    return x, _host_counts(info)
+
+
+def _host_counts(info: SampleInfo) -> SampleInfo:
+    """Scalar counts as Python ints and ``success`` as a bool (per-sample step counts of the
+    adaptive sampler stay arrays); inside a caller's ``jit`` the traced values are kept."""
+    if isinstance(info.nfe, jax.core.Tracer):
+        return info
+
+    def host(v, cast):
+        return cast(v) if np.ndim(v) == 0 else v
+
+    return info._replace(
+        nfe=host(info.nfe, int),
+        num_steps=host(info.num_steps, int),
+        num_rejected=host(info.num_rejected, int),
+        success=host(info.success, bool),
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
 import threading
 import time
@@ -17,12 +18,13 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from diffusion_jax.training.checkpoint import Checkpointer
 from diffusion_jax.training.logging import MetricWriter, Progress
 from diffusion_jax.training.step import shard_batch
 
-__all__ = ["fit", "TrainingDiverged", "Preempted", "RunSummary"]
+__all__ = ["fit", "TrainingDiverged", "Preempted", "Interrupted", "RunSummary", "quit_on_interrupt"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,22 @@ class TrainingDiverged(RuntimeError):
 
 class Preempted(RuntimeError):
     """The run saved a checkpoint and stopped on SIGTERM / a preemption notice."""
+
+
+class Interrupted(Preempted):
+    """The run saved a checkpoint and stopped on Ctrl-C (SIGINT)."""
+
+
+def quit_on_interrupt() -> None:
+    """From now on a Ctrl-C quits at once (after an interrupt was handled, while shutting down)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _quit_now)
+
+
+def _quit_now(signum: int, frame: Any) -> None:
+    """A second Ctrl-C: leave at once (no checkpoint, no atexit handlers, no traceback)."""
+    os.write(2, b"second interrupt: quitting without a checkpoint; the last saved one is intact\n")
+    os._exit(130)
 
 
 @dataclasses.dataclass
@@ -56,21 +74,30 @@ class _SignalFlag:
     installed then (``install=False``).
     """
 
-    def __init__(self, signals=(signal.SIGTERM,), *, install: bool = True):
-        self.signals, self.received, self._old = signals, None, {}
+    def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGTERM,), *, install: bool = True):
+        self.signals = signals
+        self.received: int | None = None
+        # The handlers replaced on entry; None when one was not installed from Python.
+        self._old: dict[signal.Signals, Any] = {}
         self.install = install
 
-    def __enter__(self):
+    def __enter__(self) -> _SignalFlag:
         if self.install and threading.current_thread() is threading.main_thread():
             for s in self.signals:
                 self._old[s] = signal.signal(s, self._handler)
         return self
 
-    def _handler(self, signum, frame):
+    def _handler(self, signum: int, frame: Any) -> None:
         self.received = signum
+        if signum == signal.SIGINT:
+            # Ctrl-C: finish the current step, save, stop; a second Ctrl-C quits at once.
+            os.write(2, b"interrupt: saving a checkpoint after this step (Ctrl-C again quits at once)\n")
+            signal.signal(signal.SIGINT, _quit_now)
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         for s, h in self._old.items():
+            if s == signal.SIGINT and self.received == signal.SIGINT:
+                continue  # interrupted once: a second Ctrl-C while shutting down quits at once
             # None: the previous handler was not installed from Python (e.g. a C++ one);
             # Python cannot reinstate it, so fall back to the default action.
             signal.signal(s, signal.SIG_DFL if h is None else h)
@@ -79,7 +106,8 @@ class _SignalFlag:
 def _python_sigterm_handler() -> bool:
     """Whether the loop handles SIGTERM itself: on one process, or when JAX's preemption service
     is off (``jax_enable_preemption_service``)."""
-    return jax.process_count() == 1 or not jax.config.jax_enable_preemption_service
+    # jax.config's flags are attributes created at run time, absent from its type stubs.
+    return jax.process_count() == 1 or not jax.config.jax_enable_preemption_service  # type: ignore[attr-defined]
 
 
 def _stack(batches: list[dict]) -> dict:
@@ -94,9 +122,9 @@ def _crossed(prev: int, now: int, every: int) -> bool:
 def fit(
     *,
     state: Any,
-    step_fn: Callable,
+    step_fn: Callable[[Any, dict], tuple[Any, dict]],
     data_iter: Iterator[dict],
-    mesh,
+    mesh: Mesh,
     n_iters: int,
     n_jitted_steps: int = 1,
     checkpointer: Checkpointer | None = None,
@@ -130,17 +158,20 @@ def fit(
     bar = Progress(n_iters, step, enabled=progress and jax.process_index() == 0)
     t_start = time.perf_counter()
     consecutive_nan = total_nan = 0
-    last = {}
+    last: dict[str, float] = {}
     saved = [step]  # the step of the newest checkpoint (resuming starts from one)
 
-    def save(reason: str):
+    def save(reason: str) -> None:
         if checkpointer is not None and saved[0] != step:
             checkpointer.save(step, state, data_iterator=data_iter, meta=meta)
             saved[0] = step
             log.info("checkpoint at step %d (%s)", step, reason)
 
     calls = 0  # loop iterations: the preemption protocol's counter (the same on every process)
-    with _SignalFlag(install=_python_sigterm_handler()) as sig:
+    # SIGINT (Ctrl-C) saves like SIGTERM on one process; with several, a save is a collective
+    # that one process cannot start alone, so there Ctrl-C keeps its default.
+    handled = (signal.SIGTERM, signal.SIGINT) if jax.process_count() == 1 else (signal.SIGTERM,)
+    with _SignalFlag(handled, install=_python_sigterm_handler()) as sig:
         while step < n_iters:
             if stop_after is not None and step - start_step >= stop_after:
                 break
@@ -196,6 +227,8 @@ def fit(
                     checkpointer.wait()
                 if writer is not None:
                     writer.flush()
+                if sig.received == signal.SIGINT:
+                    raise Interrupted(f"interrupted at step {step}; checkpoint saved, rerun the same command to resume")
                 raise Preempted(f"stopped at step {step} on a preemption signal; checkpoint saved, rerun to resume")
         if checkpointer is not None:
             save("end of run")
