@@ -103,6 +103,24 @@ def divergence_fn(
     return exact
 
 
+def _check_score_shape(score_fn: ScoreFn, x: Array) -> None:
+    """The score of a batch must have the batch's shape: a clear message instead of an error deep
+    inside the solver when, e.g., one unbatched image is passed."""
+    t = jax.ShapeDtypeStruct(x.shape[:1], jnp.float32)
+    try:
+        out = jax.eval_shape(score_fn, jax.ShapeDtypeStruct(x.shape, x.dtype), t)
+    except Exception as e:  # noqa: BLE001 (the network's own error, reported with the shapes)
+        raise ValueError(
+            f"the score function fails on x of shape {x.shape} (a batch of {x.shape[0]} example(s) of shape "
+            f"{x.shape[1:]}): {type(e).__name__}: {str(e)[:300]}. Is x batched (B, ...)? For one example pass x[None]"
+        ) from None
+    if out.shape != x.shape:
+        raise ValueError(
+            f"the score function returns shape {out.shape} for x of shape {x.shape}; is x batched (B, ...)?"
+            " For one example pass x[None]"
+        )
+
+
 def log_likelihood(
     key: Array,
     score_fn: ScoreFn,
@@ -148,6 +166,9 @@ def log_likelihood(
     if num_probes < 1:
         raise ValueError(f"num_probes must be >= 1, got {num_probes}")
     x = jnp.asarray(x)
+    if x.ndim < 2:
+        raise ValueError(f"x must be a batch of shape (B, ...), got shape {x.shape}; for one example pass x[None]")
+    _check_score_shape(score_fn, x)
     batch = x.shape[0]
     d = math.prod(x.shape[1:])
     dtype = jnp.promote_types(x.dtype, jnp.float32)

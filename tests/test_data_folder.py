@@ -44,12 +44,26 @@ def test_class_subfolders_give_sorted_labels(tmp_path):
     np.testing.assert_allclose(out["image"][:, 0, 0, 0], 40 * out["label"] / 255.0, rtol=1e-6)
 
 
-def test_grey_conversion_with_one_channel(tmp_path):
-    _save(tmp_path / "a.png", np.full((12, 12, 3), 255, np.uint8))
-    source = data.load("folder", folder_path=tmp_path, image_size=6, num_channels=1)
+def test_channels_are_detected_and_a_mismatch_refused(tmp_path):
+    """Colour images are never trained as grey by mistake: the folder's channel count comes from
+    its images, and a num_channels that disagrees stops with one message."""
+    grey, colour = tmp_path / "grey", tmp_path / "colour"
+    _save(grey / "a.png", np.full((12, 12), 255, np.uint8))
+    palette = PIL.Image.fromarray(np.zeros((12, 12), np.uint8), mode="L").convert("P")  # a palette of greys
+    palette.save(grey / "b.png")
+    source = data.load("folder", folder_path=grey, image_size=6)
+    assert source.info.shape == (6, 6, 1)
     out = _eval_all(source)
-    assert out["image"].shape == (1, 6, 6, 1)
-    np.testing.assert_allclose(out["image"], 1.0)
+    np.testing.assert_allclose(out["image"][0], 1.0)
+    _save(colour / "a.png", np.full((12, 12), 7, np.uint8))
+    _save(colour / "b.png", np.full((12, 12, 3), 255, np.uint8))
+    assert data.load("folder", folder_path=colour, image_size=6).info.shape == (6, 6, 3)
+    with pytest.raises(
+        ValueError, match=r"holds colour images \(e.g. .*b.png\), so 3 channel\(s\), but num_channels=1"
+    ):
+        data.load("folder", folder_path=colour, image_size=6, num_channels=1)
+    with pytest.raises(ValueError, match=r"holds only greyscale images, so 1 channel\(s\), but num_channels=3"):
+        data.load("folder", folder_path=grey, image_size=6, num_channels=3)
 
 
 def test_unreadable_file_is_named_when_the_folder_is_opened(tmp_path):
@@ -82,3 +96,20 @@ def test_folder_errors(tmp_path):
     _save(tmp_path / "cls" / "x.png", np.zeros((4, 4, 3), np.uint8))
     with pytest.raises(ValueError, match="mixes images"):
         data.load("folder", folder_path=tmp_path, image_size=4)
+
+
+def test_the_folder_config_takes_its_channels_from_the_images(tmp_path):
+    """configs/folder/edm.py leaves num_channels to the images: a run on colour images builds a
+    3-channel network (checked at start-up, before any work)."""
+    import pathlib
+
+    from diffusion_jax.builders.config import load_config
+    from diffusion_jax.modes import setup
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    for i in range(3):
+        _save(tmp_path / "images" / f"{i}.png", np.full((40, 40, 3), 60 * i, np.uint8))
+    config = load_config(str(root / "configs" / "folder" / "edm.py"))
+    config.data.folder_path = str(tmp_path / "images")
+    run = setup.prepare(config, tmp_path / "work", create=True)
+    assert run.config.data.num_channels == 3 and run.exp.input_shape == (32, 32, 3)

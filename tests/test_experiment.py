@@ -36,6 +36,25 @@ TINY = [
 ]
 
 
+def tensorboard_scalars(directory) -> set:
+    """``(tag, step)`` of every scalar in the event files of ``directory`` (TFRecord framing)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    found = set()
+    for path in pathlib.Path(directory).glob("events.out.tfevents.*"):
+        data = path.read_bytes()
+        pos = 0
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                found.add((value.tag, event.step))
+    return found
+
+
 def run(mode, workdir, *extra, env_extra=None, check=True, config=True):
     """``diffusion-jax MODE`` on ``workdir``: with the test config and TINY, or (``config=False``)
     from the workdir alone."""
@@ -80,6 +99,11 @@ def test_train_eval_sample(trained):
     assert res["sampling_nfe"] > 0
     samples = np.load(work / "eval" / "samples_00000004.npz")["samples"]
     assert samples.shape == (4, 8, 8, 1)
+    # The evaluation goes to metrics.jsonl and TensorBoard too.
+    records = [json.loads(l) for l in (work / "metrics.jsonl").read_text().splitlines()]
+    evaluation = [r for r in records if r["split"] == "evaluation"]
+    assert [r["step"] for r in evaluation] == [2, 4] and evaluation[-1]["eval_loss"] == res["eval_loss"]
+    assert ("evaluation/eval_loss", 4) in tensorboard_scalars(work / "tensorboard")
     # A rerun (e.g. after Ctrl-C) keeps what was evaluated with the same settings.
     proc = run("eval", work, "--config.eval.enable_sampling=True", "--config.eval.enable_bpd=True", config=False)
     assert "checkpoint 4: evaluated before with these settings" in proc.stdout

@@ -193,3 +193,12 @@ def test_images_and_bad_input():
         L.log_likelihood(jax.random.PRNGKey(0), lambda x, t: -x, sde, x, truncation="soft")
     with pytest.raises(ValueError, match="num_levels must be >= 2"):
         L.Discretization(num_levels=1)
+
+
+def test_an_unbatched_input_gets_a_clear_message():
+    sde = VPSDE()
+    with pytest.raises(ValueError, match=r"x must be a batch of shape \(B, \.\.\.\), got shape \(3,\)"):
+        L.log_likelihood(jax.random.PRNGKey(0), lambda x, t: -x, sde, jnp.zeros((3,)))
+    image_score = lambda x, t: -x * t[:, None, None, None]  # noqa: E731 (an image network's shapes)
+    with pytest.raises(ValueError, match=r"returns shape \(8, 8, 8, 1\) for x of shape \(8, 8, 1\); is x batched"):
+        L.log_likelihood(jax.random.PRNGKey(0), image_score, sde, jnp.zeros((8, 8, 1)))

@@ -8,11 +8,13 @@ step sizes. Discrete data are dequantized with the data's own number of levels; 
 
 from __future__ import annotations
 
+import math
 import time
 
 import jax
 
 from diffusion_jax import likelihood as likelihood_lib
+from diffusion_jax.training.logging import progress_bar
 from diffusion_jax.training.step import shard_batch
 
 __all__ = ["evaluate_bpd"]
@@ -28,11 +30,14 @@ def evaluate_bpd(config, exp, params, *, step: int = 0) -> dict:
     with build_data(config, split=split, evaluation=True, uniform_dequantization=False) as it:
         info = it.info
         conditional = exp.null_label is not None
+        total = it.num_batches or 0
+        if e.bpd_max_examples:
+            total = min(total, math.ceil(e.bpd_max_examples / config.eval.batch_size))
         result = likelihood_lib.evaluate_dataset(
             jax.random.PRNGKey(config.seed + step),
             lambda labels: exp.score_fn(params, class_labels=labels if conditional else None),
             exp.sde,
-            it,
+            progress_bar(it, total, f"bits/dim, step {step}"),
             num_levels=info.num_levels,
             value_range=tuple(info.value_range),
             num_draws=e.bpd_dequantization_draws,

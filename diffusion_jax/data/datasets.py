@@ -261,6 +261,16 @@ class Digits:
         return spec.load(split=split, options=options).to_memory()
 
 
+def _is_grey(image: PIL.Image.Image) -> bool:
+    """Whether an opened image has one channel of values (a palette of greys counts)."""
+    if image.mode in ("1", "L", "LA", "I", "I;16", "F"):
+        return True
+    if image.mode == "P":
+        palette = image.getpalette() or []
+        return all(palette[i] == palette[i + 1] == palette[i + 2] for i in range(0, len(palette) - 2, 3))
+    return False
+
+
 @dataclasses.dataclass(frozen=True)
 class ImageFolder:
     """A folder of images (``folder_path``), optionally in class subfolders that give labels.
@@ -276,16 +286,24 @@ class ImageFolder:
         if not options.folder_path:
             raise ValueError("folder: folder_path is required (config.data.folder_path)")
         size = _check_image_size(options.image_size, None, "folder")
-        channels = 3 if options.num_channels is None else options.num_channels
-        if channels not in (1, 3):
-            raise ValueError(f"folder: num_channels must be 1 or 3, got {channels!r}")
+        if options.num_channels not in (None, 1, 3):
+            raise ValueError(f"folder: num_channels must be 1 or 3, got {options.num_channels!r}")
         paths, labels, classes = scan_image_folder(options.folder_path)
+        colour = None  # the first colour image, if any
         for path in paths:
             try:
-                with PIL.Image.open(path):
-                    pass  # opening parses the header only
+                with PIL.Image.open(path) as image:  # opening parses the header only
+                    if colour is None and not _is_grey(image):
+                        colour = path
             except (OSError, ValueError, SyntaxError) as error:
                 raise UnreadableImageError(f"cannot read image file {path!r}: {error}") from error
+        channels = 1 if colour is None else 3
+        if options.num_channels is not None and options.num_channels != channels:
+            what = f"colour images (e.g. {colour})" if colour else "only greyscale images"
+            raise ValueError(
+                f"folder: {options.folder_path} holds {what}, so {channels} channel(s), but num_channels="
+                f"{options.num_channels}; set num_channels to {channels}, or to None to take it from the images"
+            )
         info = DataInfo(
             name="folder",
             shape=(size, size, channels),

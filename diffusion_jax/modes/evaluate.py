@@ -15,6 +15,7 @@ from diffusion_jax.builders.experiment import Experiment
 from diffusion_jax.builders.likelihood import evaluate_bpd
 from diffusion_jax.builders.sampler import build_sampler
 from diffusion_jax.modes import setup
+from diffusion_jax.training.logging import MetricWriter, progress_bar
 from diffusion_jax.training.step import make_eval_step, shard_batch
 
 __all__ = ["evaluate"]
@@ -38,6 +39,7 @@ def evaluate(config, workdir) -> dict:
     if primary:
         out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
+    writer = MetricWriter(workdir)
     # What a result depends on besides the checkpoint: a rerun (e.g. after Ctrl-C) keeps the
     # results already computed with the same settings and evaluates the rest.
     settings = json.loads(
@@ -73,9 +75,14 @@ def evaluate(config, workdir) -> dict:
         if e.enable_bpd:
             res.update(evaluate_bpd(config, exp, params, step=step))
         results[step] = res
+        writer.write(
+            step, {k: v for k, v in res.items() if k != "step" and isinstance(v, (int, float))}, split="evaluation"
+        )
+        writer.flush()
         if primary:
             setup.write_atomically(done, json.dumps({**res, "settings": settings}, indent=2))
             print(json.dumps(res), flush=True)
+    writer.close()
     return results
 
 
@@ -99,7 +106,7 @@ def _eval_loss(config, exp: Experiment, params, step: int) -> dict:
     total = count = 0.0
     key = jax.random.PRNGKey(step)
     with setup.build_data(config, split="eval") as it:
-        for i, batch in enumerate(it):
+        for i, batch in enumerate(progress_bar(it, it.num_batches or 0, f"eval loss, step {step}")):
             s, c = eval_step(params, shard_batch(batch, exp.mesh), jax.random.fold_in(key, i))
             total, count = total + float(s), count + float(c)
     return {"eval_loss": total / max(count, 1.0), "eval_examples": int(count)}

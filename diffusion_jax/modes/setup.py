@@ -27,7 +27,7 @@ from diffusion_jax.builders import diffusion as diffusion_builders
 from diffusion_jax.builders.config import ConfigError
 from diffusion_jax.builders.experiment import Experiment, build_experiment, check_buildable
 from diffusion_jax.training import checkpoint as ckpt_lib
-from diffusion_jax.training.logging import save_image_grid
+from diffusion_jax.training.logging import progress_bar, save_image_grid
 from diffusion_jax.training.state import init_train_state
 from diffusion_jax.training.step import per_device_batch, replicate
 
@@ -267,7 +267,8 @@ def sample_images(exp: Experiment, params, key, n: int, sampler, *, labels=None)
     guidance = exp.config.sampling.guidance_scale
     chunk = min(n, exp.config.sampling.batch_size)
     out, info = [], None
-    for i, start in enumerate(range(0, n, chunk)):
+    starts = range(0, n, chunk)
+    for i, start in enumerate(progress_bar(starts, len(starts), f"sampling {n}")):
         lab = None if labels is None else labels[start : start + chunk]
         if lab is not None and lab.shape[0] < chunk:  # keep one shape: pad the last chunk
             lab = jnp.concatenate([lab, jnp.zeros((chunk - lab.shape[0],), lab.dtype)])

@@ -9,32 +9,45 @@ import os
 import pathlib
 import sys
 import time
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
 
-__all__ = ["MetricWriter", "Progress", "image_grid", "save_image_grid"]
+__all__ = ["MetricWriter", "Progress", "progress_bar", "image_grid", "save_image_grid"]
 
 
 class MetricWriter:
     """Appends ``{"step": s, "split": ..., **metrics}`` lines to ``metrics.jsonl`` and scalars to
-    TensorBoard. :meth:`truncate` drops lines after a step, so a resumed run's history equals
-    that of an uninterrupted one."""
+    TensorBoard (``<workdir>/tensorboard``, tag ``split/name``). Training, periodic evaluation and
+    the ``eval`` mode all write here. :meth:`truncate` drops lines after a step, and TensorBoard
+    discards its events after that step too, so a resumed run's history equals that of an
+    uninterrupted one."""
 
     def __init__(self, workdir: str | pathlib.Path, *, enabled: bool | None = None, tensorboard: bool = True):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.path = pathlib.Path(workdir) / "metrics.jsonl"
-        self._tb = None
+        self._tb_dir = str(pathlib.Path(workdir) / "tensorboard") if tensorboard else None
+        self._tb: Any = None
+        self._purge_step: int | None = None
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if tensorboard:
-                from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+    def _tensorboard(self) -> Any:
+        """The event writer, opened at the first scalar (after :meth:`truncate` set its purge step)."""
+        if self._tb is None and self._tb_dir is not None:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(self._tb_dir, purge_step=self._purge_step)
+        return self._tb
 
     def truncate(self, step: int) -> None:
         """Keep only records with ``step <= step`` (called when resuming from ``step``)."""
-        if not self.enabled or not self.path.exists():
+        if not self.enabled:
+            return
+        self._purge_step = int(step) + 1 if step > 0 else None
+        if not self.path.exists():
             return
         kept = []
         for line in self.path.read_text().splitlines():
@@ -57,10 +70,11 @@ class MetricWriter:
             record[k] = v.item() if v.size == 1 else v.tolist()
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self._tb is not None:
+        tb = self._tensorboard()
+        if tb is not None:
             for k, v in record.items():
-                if k not in ("step", "split") and isinstance(v, (int, float)):
-                    self._tb.add_scalar(f"{split}/{k}", v, int(step))
+                if k not in ("step", "split") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    tb.add_scalar(f"{split}/{k}", v, int(step))
 
     def flush(self) -> None:
         if self._tb is not None:
@@ -87,6 +101,13 @@ class Progress:
         self.stream = stream or sys.stdout
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
 
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def restart(self, step: int) -> None:
+        """Count rate and ETA from ``step`` on (after the first call, whose time is compilation)."""
+        self.start, self.t0 = step, time.perf_counter()
+
     def rate(self, step: int) -> float:
         dt = time.perf_counter() - self.t0
         return (step - self.start) / dt if dt > 0 else float("nan")
@@ -102,6 +123,34 @@ class Progress:
             file=self.stream,
             flush=True,
         )
+
+
+T = TypeVar("T")
+
+
+def progress_bar(
+    items: Iterable[T], total: int, label: str, *, enabled: bool | None = None, stream=None
+) -> Iterator[T]:
+    """Yield ``items`` while showing ``label: i/total`` with the elapsed time and an ETA on
+    stderr (process 0): one line redrawn in place on a terminal, a line per quarter otherwise."""
+    stream = stream or sys.stderr
+    enabled = (jax.process_index() == 0 if enabled is None else enabled) and total > 1
+    tty = enabled and hasattr(stream, "isatty") and stream.isatty()
+    t0 = time.perf_counter()
+    shown = 0
+    for i, item in enumerate(items, 1):
+        yield item
+        if not enabled:
+            continue
+        quarter = 4 * i // total
+        if not tty and quarter == shown and i != total:
+            continue
+        shown = quarter
+        elapsed = time.perf_counter() - t0
+        eta = elapsed / i * (total - i)
+        line = f"{label}: {i}/{total} ({_fmt_seconds(elapsed)} elapsed, ETA {_fmt_seconds(eta)})"
+        stream.write(("\r" + line + ("\n" if i == total else "")) if tty else line + "\n")
+        stream.flush()
 
 
 def image_grid(images: np.ndarray, *, value_range=(0.0, 1.0), ncol: int | None = None, pad: int = 1) -> np.ndarray:

@@ -182,6 +182,12 @@ def fit(
             calls += 1
             metrics = jax.device_get(metrics)
             step = int(jax.device_get(state.step))
+            if calls == 1:
+                # The first call compiles the step (or reads it from the compilation cache): its
+                # own phase, kept out of the step rate and the ETA.
+                if bar.enabled:
+                    print(f"compiled the train step and ran {step - prev} step(s) in {bar.elapsed():.1f} s", flush=True)
+                bar.restart(step)
             if checkpointer is not None:
                 checkpointer.check_for_errors()  # a failed asynchronous save stops the run now
             bad = np.asarray(metrics["nonfinite"]).astype(bool)
