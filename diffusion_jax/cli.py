@@ -21,6 +21,7 @@ MODES = {
     "eval": "evaluate the workdir's checkpoints: loss over the eval split, samples, bits/dim",
     "sample": "write samples of a checkpoint as .npz and a .png grid",
     "convert": "turn a score_sde checkpoint (PyTorch port or original JAX) into a workdir",
+    "stats": "write a data set's reference statistics for FID (with eval.detector) to an .npz file",
 }
 
 EXIT_STATUS = """exit status:
@@ -92,7 +93,12 @@ def _mode_parser(mode: str) -> _Parser:
         )
     else:
         p.add_argument("--config", required=True, metavar="CONFIG.py", help="the experiment config file (configs/...)")
-    p.add_argument("--workdir", required=True, metavar="DIR", help="checkpoints, metrics, samples and config.json")
+    if mode == "stats":
+        p.add_argument("--out", required=True, metavar="FILE.npz", help="where to write the statistics")
+        p.add_argument("--split", choices=("train", "eval"), default="train", help="the split (default: train)")
+        p.set_defaults(workdir=None)
+    else:
+        p.add_argument("--workdir", required=True, metavar="DIR", help="checkpoints, metrics, samples and config.json")
     p.add_argument(
         "--print_config", action="store_true", help="print the resolved config (after overrides), run nothing"
     )
@@ -233,6 +239,8 @@ def _run_mode(mode: str, flags: argparse.Namespace, config) -> int:
             modes.convert(config, flags.workdir, checkpoint=flags.checkpoint, source=flags.source)
         elif mode == "eval":
             modes.evaluate(config, flags.workdir)
+        elif mode == "stats":
+            modes.stats(config, flags.out, split=flags.split)
         else:
             labels = flags.labels if flags.label is None else [flags.label]
             modes.sample(

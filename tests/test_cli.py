@@ -55,6 +55,8 @@ def _bad_invocations(tmp_path):
         (["convert", *base, "--checkpoint=x.pth", "--source=torch"], "argument --source: invalid choice: 'torch'"),
         (["eval", *base, "--print_config", "--config.model.attn_resolutions=(3,)"], "resolutions must be among"),
         (["sample", *base], "no checkpoint in"),
+        (["stats", "--config", CONFIG], "the following arguments are required: --out"),
+        (["stats", "--config", CONFIG, "--out", w, "--split=test"], "argument --split: invalid choice: 'test'"),
     ]
 
 

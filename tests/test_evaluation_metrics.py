@@ -197,3 +197,11 @@ def test_reference_statistics_round_trip_and_refusal(features, tmp_path):
         stats.load_reference_statistics(path, detector="digits")
     with pytest.raises(stats.ReferenceMismatchError, match="preprocessing 'pytorch_fid'.*'tf'"):
         stats.load_reference_statistics(path, detector="inception", preprocessing="tf")
+
+
+def test_inception_score_of_one_hot_predictions_is_finite():
+    """A class that no sample gives any probability (p underflows to 0) adds 0 log 0 = 0."""
+    logits = np.full((4, 10), -1e4)
+    logits[np.arange(4), [0, 1, 2, 3]] = 0.0
+    score = metrics.inception_score(logits, num_splits=1)
+    assert score.mean == pytest.approx(4.0)

@@ -36,6 +36,18 @@ TINY = [
 ]
 
 
+# eval with samples, their quality (the digits detector) and bits/dim.
+EVAL = [
+    "--config.eval.enable_sampling=True",
+    "--config.eval.enable_bpd=True",
+    "--config.eval.enable_quality=True",
+    "--config.eval.detector=digits",
+    "--config.eval.fid_counts=(2,)",
+    "--config.eval.kid_subset_size=4",
+    "--config.eval.is_splits=2",
+]
+
+
 def tensorboard_scalars(directory) -> set:
     """``(tag, step)`` of every scalar in the event files of ``directory`` (TFRecord framing)."""
     import struct
@@ -91,21 +103,24 @@ def test_train_eval_sample(trained):
 
     # The workdir is the unit: eval and sample need no config, only what may change.
     assert (work / "config.py").exists()
-    proc = run("eval", work, "--config.eval.enable_sampling=True", "--config.eval.enable_bpd=True", config=False)
+    proc = run("eval", work, *EVAL, config=False)
     res = json.loads((work / "eval" / "results_00000004.json").read_text())
     assert res["eval_examples"] == 297  # the whole digits test split, no dropped remainder
     assert np.isfinite(res["eval_loss"])
     assert res["bpd_examples"] == 8 and np.isfinite(res["bpd"]) and res["bpd_num_levels"] == 17
     assert res["sampling_nfe"] > 0
+    assert res["quality_detector"] == "digits" and res["fid_num_samples"] == 4 and "fid_2" in res
+    assert all(np.isfinite(res[k]) for k in ("fid", "kid", "inception_score", "precision", "recall"))
+    assert (work / "eval" / "reference_digits_digits8x8.npz").exists()
     samples = np.load(work / "eval" / "samples_00000004.npz")["samples"]
     assert samples.shape == (4, 8, 8, 1)
     # The evaluation goes to metrics.jsonl and TensorBoard too.
     records = [json.loads(l) for l in (work / "metrics.jsonl").read_text().splitlines()]
     evaluation = [r for r in records if r["split"] == "evaluation"]
     assert [r["step"] for r in evaluation] == [2, 4] and evaluation[-1]["eval_loss"] == res["eval_loss"]
-    assert ("evaluation/eval_loss", 4) in tensorboard_scalars(work / "tensorboard")
+    assert {("evaluation/eval_loss", 4), ("evaluation/fid", 4)} <= tensorboard_scalars(work / "tensorboard")
     # A rerun (e.g. after Ctrl-C) keeps what was evaluated with the same settings.
-    proc = run("eval", work, "--config.eval.enable_sampling=True", "--config.eval.enable_bpd=True", config=False)
+    proc = run("eval", work, *EVAL, config=False)
     assert "checkpoint 4: evaluated before with these settings" in proc.stdout
     assert json.loads((work / "eval" / "results_00000004.json").read_text())["eval_loss"] == res["eval_loss"]
 

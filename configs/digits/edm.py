@@ -72,8 +72,16 @@ def get_config():
 
     evaluate = config.eval
     evaluate.batch_size = 300
-    evaluate.num_samples = 100
     evaluate.enable_bpd = True
+    # Sample quality per checkpoint: 1,000 samples judged by the digits detector (a classifier of
+    # the real digits; docs/evaluation.md) against the train split.
+    evaluate.enable_sampling = True
+    evaluate.num_samples = 1000
+    evaluate.enable_quality = True
+    evaluate.detector = "digits"
+    evaluate.fid_counts = (297, 500, 1000)  # 297: the size of the real test split, the floor
+    evaluate.kid_subset_size = 500
+    evaluate.feature_batch_size = 500
     evaluate.bpd_rtol = 1e-4
     evaluate.bpd_atol = 1e-4
     return config

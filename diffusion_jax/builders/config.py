@@ -222,6 +222,23 @@ SCHEMA: tuple[Key, ...] = (
     _K("eval.bpd_atol", 1e-5, "float", "ODE absolute tolerance of bits/dim", check=_positive),
     _K("eval.bpd_max_examples", 0, "int", "examples of bits/dim; 0: the whole split", check=_non_negative),
     _K("eval.bpd_dequantization_draws", 1, "int", "dequantization draws averaged per example", check=_positive),
+    _K("eval.enable_quality", False, "bool", "FID, KID, Inception score and precision/recall of the samples "
+       "(with enable_sampling)"),
+    _K("eval.detector", "inception", "str", "feature network of the sample-quality metrics (docs/evaluation.md)",
+       choices="detector"),
+    _K("eval.inception_weights", "", "str", "pytorch-fid's Inception weights (.pth, or .npz from "
+       "scripts/inception_weights.py); '': $DIFFUSION_JAX_INCEPTION_WEIGHTS"),
+    _K("eval.resize_mode", "pytorch_fid", "str", "how images are resized to 299x299 for Inception",
+       choices="resize_mode"),
+    _K("eval.reference_stats", "", "str", "reference statistics (.npz) of the real data; '': computed from the "
+       "train split and kept in <workdir>/eval/"),
+    _K("eval.fid_counts", (1000, 5000, 10000, 50000), "ints", "also report FID of the first n samples, for "
+       "each n that fits", check=_all_at_least(2)),
+    _K("eval.feature_batch_size", 200, "int", "images per detector call", check=_positive),
+    _K("eval.is_splits", 10, "int", "Inception-score splits", check=_positive),
+    _K("eval.kid_subsets", 100, "int", "KID subsets", check=_positive),
+    _K("eval.kid_subset_size", 1000, "int", "KID subset size (capped at the sample count)", check=_positive),
+    _K("eval.pr_k", 3, "int", "k of the k-nearest-neighbour manifolds of precision/recall", check=_positive),
 
     # data
     _K("data.dataset", "digits", "str", "data set name (case-insensitive; score_sde's CIFAR10, SVHN, CELEBA, "
@@ -564,7 +581,7 @@ def config_diff(
 
 def registries() -> dict[str, list[str]]:
     """Valid names of the registry-backed keys, from the library's literal registries."""
-    from diffusion_jax import likelihood, losses, models, parametrization, samplers, sde
+    from diffusion_jax import evaluation, likelihood, losses, models, parametrization, samplers, sde
     from diffusion_jax.data import datasets
     from diffusion_jax.models.layers import ACTIVATIONS
 
@@ -582,6 +599,8 @@ def registries() -> dict[str, list[str]]:
         "estimator": list(likelihood.ESTIMATORS),
         "activation": list(ACTIVATIONS),
         "dataset": list(datasets.DATASETS),
+        "detector": list(evaluation.DETECTORS),
+        "resize_mode": list(evaluation.RESIZE_MODES),
     }
 
 
@@ -661,6 +680,8 @@ def _cross_field_checks(c: dict[str, Any]) -> list[str]:
         out.append(f"model.beta_min = {c['model.beta_min']} must be below model.beta_max = {c['model.beta_max']}")
     if c["model.cross_attn_resolutions"] and c["model.context_dim"] is None:
         out.append("model.cross_attn_resolutions needs model.context_dim (the width of the context)")
+    if c["eval.enable_quality"] and not c["eval.enable_sampling"]:
+        out.append("eval.enable_quality needs eval.enable_sampling (the metrics are of the samples)")
     if c["training.eps"] >= 1.0 and c["training.sde"].lower() != "edm":
         out.append(f"training.eps = {c['training.eps']} must be below the end time 1")
     return out

@@ -171,8 +171,11 @@ def inception_score(logits: np.ndarray, *, num_splits: int = 10) -> InceptionSco
     scores = []
     for part in np.array_split(log_p, num_splits):
         p = np.exp(part)
-        log_py = np.log(p.mean(axis=0))
-        scores.append(np.exp(np.mean(np.sum(p * (part - log_py), axis=1))))
+        with np.errstate(divide="ignore"):
+            log_py = np.log(p.mean(axis=0))
+        # 0 log 0 = 0: a class no example of the split gives any probability adds nothing.
+        kl = np.where(p > 0, p * (part - np.where(np.isfinite(log_py), log_py, 0.0)), 0.0)
+        scores.append(np.exp(np.mean(np.sum(kl, axis=1))))
     s = np.asarray(scores)
     return InceptionScore(float(s.mean()), float(s.std()), num_splits)
 

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from diffusion_jax.builders import diffusion as diffusion_builders
+from diffusion_jax.builders import evaluation as quality
 from diffusion_jax.builders.config import ConfigError
 from diffusion_jax.builders.experiment import Experiment
 from diffusion_jax.builders.likelihood import evaluate_bpd
@@ -36,6 +37,10 @@ def evaluate(config, workdir) -> dict:
         )
     setup.check_batch("eval.batch_size", e.batch_size)
     out_dir = workdir / "eval"
+    # The detector is built (its weights read) before any checkpoint is touched; the reference
+    # statistics of the real data when the first samples need them.
+    detector = quality.build_detector(config) if e.enable_quality else None
+    reference = None
     if primary:
         out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
@@ -69,6 +74,13 @@ def evaluate(config, workdir) -> dict:
                 labels=setup.class_labels(exp, e.num_samples),
             )
             res["sampling_nfe"] = int(np.asarray(sinfo.nfe))
+            if detector is not None:
+                if reference is None:
+                    reference = quality.build_reference(
+                        config, detector, lambda: _real_images(config, exp), workdir, primary=primary
+                    )
+                images = np.clip(exp.to_data_range(x), 0.0, 1.0)  # as saved and shown
+                res.update(quality.quality_metrics(config, detector, reference, images, step))
             if primary:
                 np.savez(out_dir / f"samples_{step:08d}.npz", samples=exp.to_data_range(x))
                 setup.save_samples(exp, x, out_dir / f"samples_{step:08d}.png")
@@ -84,6 +96,14 @@ def evaluate(config, workdir) -> dict:
             print(json.dumps(res), flush=True)
     writer.close()
     return results
+
+
+def _real_images(config, exp: Experiment):
+    """The train split's images in [0, 1], batch by batch (padding rows dropped)."""
+    with setup.build_data(config, split="train", evaluation=True, uniform_dequantization=False) as it:
+        for batch in it:
+            keep = batch["mask"] if "mask" in batch else slice(None)
+            yield np.clip(exp.to_data_range(batch["image"][keep]), 0.0, 1.0)
 
 
 def _previous(path, settings: dict) -> dict | None:

@@ -46,6 +46,7 @@ __all__ = [
     "write_atomically",
     "write_config",
     "quiet_library_notices",
+    "data_info",
 ]
 
 # Keys whose change makes a workdir's checkpoints unusable or its results incomparable.
@@ -141,6 +142,11 @@ def build_data(config, **kwargs):
         return data_builders.build_data(config, **kwargs)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         raise ConfigError(f"data: {e}") from None
+
+
+def data_info(config):
+    """The data as the pipeline yields it; a data set that cannot be opened is a ConfigError."""
+    return _data_info(config, required=True)
 
 
 def _data_info(config, *, required: bool):
