@@ -617,7 +617,7 @@ def load_autoencoder_kl(
     checkpoint's ``config.json`` values). Layouts: Conv2d OIHW -> HWIO, Linear ``(out, in)`` ->
     ``(in, out)``, GroupNorm ``weight`` -> ``scale``.
     """
-    from diffusion_jax.models.convert import ConversionError  # noqa: PLC0415
+    from diffusion_jax.models.convert import ConversionError, check_tensor_names  # noqa: PLC0415
 
     state = {_rename_deprecated(n): v for n, v in read_state_dict(source).items()}
     expected = autoencoder_state_dict_shapes(module)
@@ -626,18 +626,7 @@ def load_autoencoder_kl(
         f"latent_channels={module.latent_channels}, use_quant_conv={module.use_quant_conv}, "
         f"use_post_quant_conv={module.use_post_quant_conv}, mid_block_add_attention={module.mid_block_add_attention}"
     )
-    missing = [n for n in expected if n not in state]
-    if missing:
-        raise ConversionError(
-            f"AutoencoderKL weights: tensor {missing[0]!r} is missing ({len(missing)} missing in all); "
-            f"the module is built with {config}"
-        )
-    extra = [n for n in state if n not in expected]
-    if extra:
-        raise ConversionError(
-            f"AutoencoderKL weights: unexpected tensor {extra[0]!r} ({len(extra)} unexpected in all); "
-            f"the module is built with {config}"
-        )
+    check_tensor_names(state, expected, what="AutoencoderKL weights", built_with=config)
     flat = {}
     for name, (path, shape) in expected.items():
         value = state[name]

@@ -41,6 +41,7 @@ from diffusion_jax.models.ncsnv2 import NCSNv2
 
 __all__ = [
     "ConversionError",
+    "check_tensor_names",
     "TensorMapping",
     "load_torch_checkpoint",
     "strip_prefix",
@@ -100,6 +101,25 @@ def _to_numpy(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_numpy(v) for v in obj)
     return obj
+
+
+def check_tensor_names(
+    state: Mapping[str, Any], expected: Mapping[str, Any], *, what: str, built_with: str, extra_hint: str = ""
+) -> None:
+    """Stop with the first missing or unexpected tensor of a state dict, naming it, the counts
+    and how the module was built (``expected``: the names the module needs)."""
+    missing = [n for n in expected if n not in state]
+    if missing:
+        raise ConversionError(
+            f"{what}: tensor {missing[0]!r} is missing ({len(missing)} missing in all); the module is built with "
+            f"{built_with}"
+        )
+    extra = [n for n in state if n not in expected]
+    if extra:
+        raise ConversionError(
+            f"{what}: unexpected tensor {extra[0]!r} ({len(extra)} unexpected in all{extra_hint}); the module is "
+            f"built with {built_with}"
+        )
 
 
 def load_torch_checkpoint(path: str) -> dict:

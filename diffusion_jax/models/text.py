@@ -375,7 +375,7 @@ def load_clip_text(
     with :func:`clip_text_kwargs_from_config` of the checkpoint's ``config.json``). ``Linear``
     weights ``(out, in)`` become ``(in, out)`` kernels, LayerNorm ``weight`` becomes ``scale``.
     """
-    from diffusion_jax.models.convert import ConversionError, strip_prefix  # noqa: PLC0415
+    from diffusion_jax.models.convert import ConversionError, check_tensor_names, strip_prefix  # noqa: PLC0415
 
     state = strip_prefix(read_state_dict(source), "text_model.")
     state = {n: v for n, v in state.items() if n not in _BUFFERS}
@@ -384,18 +384,13 @@ def load_clip_text(
         f"vocab_size={module.vocab_size}, hidden_size={module.hidden_size}, num_layers={module.num_layers}, "
         f"intermediate_size={module.intermediate_size}, max_position_embeddings={module.max_position_embeddings}"
     )
-    missing = [n for n in expected if n not in state]
-    if missing:
-        raise ConversionError(
-            f"CLIP text weights: tensor {missing[0]!r} is missing ({len(missing)} missing in all); "
-            f"the module is built with {config}"
-        )
-    extra = [n for n in state if n not in expected]
-    if extra:
-        raise ConversionError(
-            f"CLIP text weights: unexpected tensor {extra[0]!r} ({len(extra)} unexpected in all; a full "
-            f"CLIPModel checkpoint needs its 'text_model.' entries selected); the module is built with {config}"
-        )
+    check_tensor_names(
+        state,
+        expected,
+        what="CLIP text weights",
+        built_with=config,
+        extra_hint="; a full CLIPModel checkpoint needs its 'text_model.' entries selected",
+    )
     flat = {}
     for name, (path, shape) in expected.items():
         value = np.asarray(state[name], dtype=np.float32)
