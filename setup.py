@@ -26,9 +26,24 @@ setup(
         "scikit-learn>=1.5",
         "tensorboardX>=2.6",
         "pillow>=10",
+        # Sweeps: Optuna's storage runs the points (SQLite by default, any SQLAlchemy URL to share
+        # one sweep between machines); matplotlib draws the report's plots.
+        "optuna>=5.0",
+        "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3", "scipy>=1.11", "ruff==0.17.6", "mypy==2.4.1", "regex", "ftfy"],
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3",
+            "scipy>=1.11",
+            "ruff==0.17.6",
+            "mypy==2.4.1",
+            "regex",
+            "ftfy",
+            "psycopg[binary]>=3.1",
+        ],
+        # A sweep shared through PostgreSQL (--storage postgresql+psycopg://...).
+        "postgres": ["psycopg[binary]>=3.1"],
         # CLIP's BPE vocabulary ships inside open-clip-torch, read in place without importing it:
         # install it with `pip install --no-deps open-clip-torch` (its own dependencies are torch).
         "clip": ["regex>=2023.0", "ftfy>=6.1"],

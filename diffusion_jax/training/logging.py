@@ -80,6 +80,21 @@ class MetricWriter:
         if self._tb is not None:
             self._tb.flush()
 
+    def write_hparams(self, hparams: dict, metrics: dict[str, float]) -> None:
+        """A TensorBoard hparams summary for this run (the HParams view's columns): ``hparams``
+        (strings, numbers, booleans) and the run's final ``metrics``, also written as scalars at
+        step 0 (the HParams view reads the metrics' values from the scalars)."""
+        if not self.enabled or self._tb_dir is None:
+            return
+        from tensorboardX.summary import hparams as hparams_summary
+
+        tb = self._tensorboard()
+        for summary in hparams_summary(hparams, metrics):
+            tb.file_writer.add_summary(summary)
+        for k, v in metrics.items():
+            tb.add_scalar(k, float(v), 0)
+        tb.flush()
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
