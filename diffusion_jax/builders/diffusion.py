@@ -17,9 +17,18 @@ from diffusion_jax import losses as losses_lib
 from diffusion_jax import parametrization as param_lib
 from diffusion_jax import sde as sde_lib
 from diffusion_jax.builders.config import ConfigError
+from diffusion_jax.training.ema import MultiEma
 from diffusion_jax.training.state import learning_rate_schedule, make_optimizer
 
-__all__ = ["build_sde", "build_parametrization", "build_loss", "build_optimizer", "learning_rate_fn", "make_model_fn"]
+__all__ = [
+    "build_sde",
+    "build_parametrization",
+    "build_loss",
+    "build_optimizer",
+    "build_ema",
+    "learning_rate_fn",
+    "make_model_fn",
+]
 
 
 def build_sde(config) -> sde_lib.SDE:
@@ -109,6 +118,14 @@ def build_loss(config, *, model_fn: Callable, sde: sde_lib.SDE, parametrization:
         sampler = losses_lib.LogNormalSigma(p_mean=training.p_mean, p_std=training.p_std)
     else:
         sampler = losses_lib.get_time_sampler(name, t_min=training.eps)
+    if training.task == "classifier":
+        # Cross-entropy of the label at the noise levels the diffusion loss draws.
+        from diffusion_jax.conditioning.classifier import classifier_loss_fn
+
+        try:
+            return classifier_loss_fn(model_fn, sde, parametrization, time_sampler=sampler)
+        except ValueError as e:
+            raise ConfigError(f"config.training: {e}") from None
     try:
         return losses_lib.dsm_loss_fn(
             model_fn,
@@ -136,6 +153,13 @@ def build_optimizer(config):
         warmup=o.warmup,
         grad_clip=o.grad_clip,
     )
+
+
+def build_ema(config) -> MultiEma | None:
+    """The extra EMAs of ``model.ema_rates`` and ``model.ema_sigma_rels``; None when there are none."""
+    m = config.model
+    ema = MultiEma(rates=tuple(m.ema_rates), sigma_rels=tuple(m.ema_sigma_rels), warmup=m.ema_warmup)
+    return ema if ema else None
 
 
 def learning_rate_fn(config) -> optax.Schedule:

@@ -27,6 +27,7 @@ from diffusion_jax.builders.experiment import Experiment
 from diffusion_jax.builders.sampler import build_sampler
 from diffusion_jax.data.info import DataInfo
 from diffusion_jax.modes import setup
+from diffusion_jax.modes.posthoc_ema import chosen_params
 from diffusion_jax.sde import SDE
 
 __all__ = ["load", "TrainedModel", "load_params"]
@@ -112,11 +113,13 @@ class TrainedModel:
         )
 
 
-def load(workdir: str | pathlib.Path, step: int | None = None, *, config=None) -> TrainedModel:
+def load(workdir: str | pathlib.Path, step: int | None = None, *, config=None, ema: str | None = None) -> TrainedModel:
     """The model of ``workdir`` at checkpoint ``step`` (the newest readable one when None), built
     from the config stored in the workdir (or ``config``, which may differ only in sampling and
-    evaluation keys). Raises :class:`~diffusion_jax.builders.config.ConfigError` with one message
-    when the workdir has no config or no checkpoint."""
+    evaluation keys). ``ema`` picks the average as ``sampling.ema`` does (default: the config's,
+    normally the EMA of ``model.ema_rate``): ``'params'``, ``'rate:R'`` or ``'sigma_rel:S'``
+    (docs/ema.md). Raises :class:`~diffusion_jax.builders.config.ConfigError` with one message
+    when the workdir has no config or no checkpoint, or the average was not tracked or written."""
     setup.quiet_library_notices()
     workdir = pathlib.Path(workdir)
     stored = config_lib.workdir_config(workdir)
@@ -126,11 +129,15 @@ def load(workdir: str | pathlib.Path, step: int | None = None, *, config=None) -
         config = stored
     elif stored is not None:
         config_lib.check_mutable(stored, config, str(workdir))
+    if ema is not None:
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.sampling.ema = ema
     run = setup.prepare(config, workdir, create=False, need_data=False)
     setup.checkpoint_steps(run.workdir)
     got, state = setup.restore_state(run.config, run.exp, run.workdir, step)
     exp = run.exp
-    return TrainedModel(run.config, exp.sde, exp.module, state.ema_params, exp.data_info, int(got), workdir, exp)
+    params = chosen_params(run.config, exp, run.workdir, int(got), state)
+    return TrainedModel(run.config, exp.sde, exp.module, params, exp.data_info, int(got), workdir, exp)
 
 
 def load_params(config, workdir, *, step: int | None = None) -> tuple[Experiment, int, Any]:

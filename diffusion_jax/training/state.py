@@ -6,22 +6,54 @@ parameters, EMA parameters, optimiser state and the RNG key.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
+from diffusion_jax.training.ema import MultiEma
+
 __all__ = ["TrainState", "learning_rate_schedule", "make_optimizer", "ema_decay", "ema_update", "init_train_state"]
 
 
-class TrainState(flax.struct.PyTreeNode):
+@dataclasses.dataclass(frozen=True)
+class TrainState:
     step: jax.Array  # int32 scalar: optimizer steps taken
     params: Any
     ema_params: Any
     opt_state: Any
     rng: jax.Array  # raw uint32 key data (orbax- and sharding-friendly)
+    # The extra EMAs of ``model.ema_rates`` / ``model.ema_sigma_rels`` (an ``ema.EmaState``);
+    # None when there are none.
+    emas: Any = None
+
+    def replace(self, **changes: Any) -> TrainState:
+        return dataclasses.replace(self, **changes)
+
+
+# A pytree whose children are the fields above, keyed by name (as a flax struct's are), except
+# that ``emas`` is left out when it is None: a state without extra EMAs then has exactly the
+# structure of the states saved before they existed, so their checkpoints still restore.
+_FIELDS = ("step", "params", "ema_params", "opt_state", "rng")
+
+
+def _state_flatten_with_keys(state: TrainState):
+    names = _FIELDS + (("emas",) if state.emas is not None else ())
+    return [(jax.tree_util.GetAttrKey(n), getattr(state, n)) for n in names], state.emas is not None
+
+
+def _state_flatten(state: TrainState):
+    names = _FIELDS + (("emas",) if state.emas is not None else ())
+    return [getattr(state, n) for n in names], state.emas is not None
+
+
+def _state_unflatten(has_emas: bool, children) -> TrainState:
+    return TrainState(*children)  # without emas, its default None
+
+
+jax.tree_util.register_pytree_with_keys(TrainState, _state_flatten_with_keys, _state_unflatten, _state_flatten)
 
 
 def learning_rate_schedule(*, lr: float, warmup: int = 0) -> optax.Schedule:
@@ -76,11 +108,15 @@ def ema_update(ema_params, params, decay):
     return jax.tree_util.tree_map(lambda e, p: e * decay + (1.0 - decay) * p.astype(e.dtype), ema_params, params)
 
 
-def init_train_state(params, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+def init_train_state(
+    params, optimizer: optax.GradientTransformation, rng: jax.Array, *, ema: MultiEma | None = None
+) -> TrainState:
+    """The state before the first step; ``ema`` adds the extra EMAs it tracks (``emas``)."""
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         ema_params=jax.tree_util.tree_map(jnp.copy, params),
         opt_state=optimizer.init(params),
         rng=jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng,
+        emas=ema.init(params) if ema else None,
     )

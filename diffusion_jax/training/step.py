@@ -19,6 +19,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from diffusion_jax.training.ema import MultiEma
 from diffusion_jax.training.state import TrainState, ema_decay, ema_update
 
 __all__ = [
@@ -82,9 +83,11 @@ def replicate(tree, mesh: Mesh):
 
 def shard_batch(batch: dict, mesh: Mesh, *, leading_steps: bool = False) -> dict:
     """Assemble global arrays from this process's share of the batch, sharded along the batch
-    axis (axis 1 if the batch carries a leading ``n_jitted_steps`` axis)."""
-    spec = P(None, DATA_AXIS) if leading_steps else P(DATA_AXIS)
-    sharding = NamedSharding(mesh, spec)
+    axis (axis 1 if the batch carries a leading ``n_jitted_steps`` axis) over the mesh's
+    ``data`` axis, and its ``fsdp`` axis when it has one (:mod:`diffusion_jax.training.sharding`)."""
+    present = tuple(a for a in (DATA_AXIS, "fsdp") if a in mesh.axis_names)
+    axes = present[0] if len(present) == 1 else present
+    sharding = NamedSharding(mesh, P(None, axes) if leading_steps else P(axes))
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 
@@ -113,6 +116,7 @@ def make_train_step(
     grad_accum_steps: int = 1,
     learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
     unroll: bool | None = None,
+    extra_ema: MultiEma | None = None,
 ):
     """Returns ``step(state, batches) -> (state, metrics)``, not yet jitted.
 
@@ -125,6 +129,9 @@ def make_train_step(
     ``unroll`` writes the ``n`` steps (and the micro-batches) as straight-line code instead of a
     ``lax.scan``; the default is to unroll on CPU, where XLA runs convolution gradients inside a
     while loop about 25x slower (BENCHMARKS.md), and to scan elsewhere (compile time).
+
+    ``extra_ema`` updates the extra EMAs of ``state.emas`` (several rates, power profiles;
+    :mod:`diffusion_jax.training.ema`) alongside the main one.
     """
     if unroll is None:
         unroll = jax.default_backend() == "cpu"
@@ -186,6 +193,7 @@ def make_train_step(
         updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         new_ema = ema_update(state.ema_params, new_params, ema_decay(state.step, ema_rate, ema_warmup))
+        new_emas = extra_ema.update(state.emas, new_params, state.step + 1) if extra_ema else state.emas
         keep = lambda new, old: jax.lax.cond(finite, lambda: new, lambda: old)
         new_state = TrainState(
             step=state.step + finite.astype(state.step.dtype),
@@ -193,6 +201,7 @@ def make_train_step(
             ema_params=keep(new_ema, state.ema_params),
             opt_state=keep(new_opt_state, state.opt_state),
             rng=jax.random.key_data(rng),
+            emas=keep(new_emas, state.emas),
         )
         metrics = {
             "loss": loss,
