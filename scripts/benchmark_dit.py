@@ -2,6 +2,7 @@
 
     python scripts/benchmark_dit.py [--presets DiT-S/2 DiT-B/2] [--batch 8] [--repeats 3]
         [--warmup 1] [--bf16] [--remat] [--peak-gflops X | --peak-size 2048] [--json out.jsonl]
+    python scripts/benchmark_dit.py --memory [--presets DiT-S/2 DiT-B/2] [--batch 8]
 
 One train step: the library's denoising loss as DiT was trained (Peebles & Xie 2023, sec. 4:
 VP SDE with DDPM's linear betas, an epsilon-predicting network fed ``999 t``, the plain
@@ -23,6 +24,17 @@ Every preset runs in a fresh process. Reported per preset:
   measured in its own process (``benchmark_training.measure_peak``) unless ``--peak-gflops`` is
   given;
 * peak RSS MB of the process.
+
+``--memory`` instead measures the memory per device of the same train step on 8 simulated CPU
+devices (``--xla_force_host_platform_device_count=8``, one process per preset and layout), with
+the state laid out by the library's sharding (``diffusion_jax.training.sharding``, the default
+rules) on the mesh (data=8) (parameters, Adam state and EMA replicated) and on (fsdp=8):
+
+* state MiB/device: parameters + Adam moments + EMA held by each device, from the shardings of
+  the layout (``sharding.shard_shape``; nothing is allocated);
+* XLA MiB/device: XLA's buffer assignment of the compiled step for one device
+  (``compiled.memory_analysis()``: arguments + outputs + temporaries - aliased), which is the
+  peak of live buffers XLA planned; the step is compiled, not run.
 """
 
 from __future__ import annotations
@@ -114,9 +126,112 @@ def measure_step(spec: dict) -> dict:
     )
 
 
-def _run_child(extra: list[str], timeout: int) -> dict:
+def measure_memory(spec: dict) -> dict:
+    """Per-device memory of one preset's train step on one layout (runs in an 8-device child).
+    Nothing of the state is allocated: the step is lowered for abstract arrays that carry the
+    layout's shardings, and the state's bytes per device come from those shardings."""
+    import math
+
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from diffusion_jax import losses
+    from diffusion_jax import parametrization as param_lib
+    from diffusion_jax import sde as sde_lib
+    from diffusion_jax.builders.diffusion import make_model_fn
+    from diffusion_jax.models import partitioning
+    from diffusion_jax.models.dit import dit_preset
+    from diffusion_jax.training import sharding
+    from diffusion_jax.training.state import init_train_state
+    from diffusion_jax.training.step import make_train_step, shard_batch
+
+    module = dit_preset(spec["preset"])
+    mesh = sharding.make_mesh(spec["mesh"])
+    batch_size = spec["batch"]
+    x = jnp.zeros((1, batch_size, module.input_size, module.input_size, module.in_channels))
+    batch = shard_batch({"image": x, "label": jnp.zeros((1, batch_size), jnp.int32)}, mesh, leading_steps=True)
+    model_fn = make_model_fn(module, train=True, class_dropout=0.1, null_label=module.null_label)
+    loss_fn = losses.dsm_loss_fn(
+        model_fn,
+        sde_lib.VPSDE(),
+        param_lib.score_sde_parametrization("vpsde", continuous=True),
+        weighting="eps",
+        reduce_mean=True,
+    )
+    optimizer = optax.adam(1e-4)
+
+    def init(key):
+        params = module.init(key, x[0], jnp.zeros((batch_size,)), class_labels=batch["label"][0])["params"]
+        return init_train_state(params, optimizer, jax.random.key(1))
+
+    abstract = jax.eval_shape(init, jax.random.key(0))
+    layout = sharding.plan(
+        partitioning.declared_axes("dit", abstract.params),
+        sharding.param_shapes(abstract.params),
+        mesh,
+        sharding.DEFAULT_RULES,
+    )
+    shardings = sharding.state_shardings(abstract, layout)
+    state = jax.tree_util.tree_map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d), abstract, shardings)
+    held = (state.params, state.opt_state, state.ema_params)
+    per_device = sum(
+        math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in jax.tree_util.tree_leaves(held)
+    )
+    total = sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree_util.tree_leaves(held))
+    step = jax.jit(
+        make_train_step(loss_fn, optimizer, ema_rate=0.9999),
+        out_shardings=(shardings, NamedSharding(mesh, P())),
+        donate_argnums=0,
+    )
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    memory = compiled.memory_analysis()
+    xla = None
+    if memory is not None:
+        xla = (
+            memory.argument_size_in_bytes
+            + memory.output_size_in_bytes
+            + memory.temp_size_in_bytes
+            - memory.alias_size_in_bytes
+        )
+    return dict(
+        spec,
+        devices=jax.device_count(),
+        state_bytes_max=per_device,
+        state_bytes_total=total,
+        xla_bytes=xla,
+        temp_bytes=None if memory is None else memory.temp_size_in_bytes,
+        compile_s=compile_s,
+        peak_rss_mb=max_rss_mb(),
+        unsharded=["/".join(p) for p in layout.replicated + layout.undeclared],
+    )
+
+
+def _run_child(extra: list[str], timeout: int, devices: int = 1) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if devices > 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        env["JAX_PLATFORMS"] = "cpu"
     return run_child(__file__, extra, timeout=timeout, cwd=ROOT, env=env)
+
+
+def _memory_table(rows: list[dict]) -> str:
+    lines = [
+        "| preset | batch | mesh (data, fsdp, tensor) | state MiB/device | state MiB total | XLA MiB/device | "
+        "XLA temporaries MiB | compile s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    mb = lambda b: "n/a" if b is None else f"{b / 2**20:,.1f}"  # noqa: E731
+    for r in rows:
+        lines.append(
+            f"| {r['preset']} | {r['batch']} | {tuple(r['mesh'])} | {mb(r['state_bytes_max'])} | "
+            f"{mb(r['state_bytes_total'])} | {mb(r['xla_bytes'])} | {mb(r['temp_bytes'])} | {r['compile_s']:.1f} |"
+        )
+    return "\n".join(lines)
 
 
 def _fmt(value, spec: str) -> str:
@@ -156,6 +271,10 @@ def main(argv=None):
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per preset")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--one-peak", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--one-memory", default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--memory", action="store_true", help="per-device memory on 8 simulated devices, data=8 against fsdp=8"
+    )
     args = parser.parse_args(argv)
 
     if args.one_peak:
@@ -166,6 +285,9 @@ def main(argv=None):
     if args.one is not None:
         print_result(measure_step(json.loads(args.one)))
         return
+    if args.one_memory is not None:
+        print_result(measure_memory(json.loads(args.one_memory)))
+        return
 
     from diffusion_jax.models.dit import DIT_PRESETS
 
@@ -173,6 +295,20 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown presets {unknown}; valid: {', '.join(DIT_PRESETS)}")
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()}")
+    if args.memory:
+        rows = []
+        for preset in args.presets:
+            for mesh in ((8, 1, 1), (1, 8, 1)):
+                spec = dict(preset=preset, batch=args.batch, mesh=mesh)
+                row = _run_child(["--one-memory", json.dumps(spec)], args.timeout, devices=8)
+                print(f"# {preset} {mesh}: {json.dumps(row)}", flush=True)
+                rows.append(row)
+                if args.json:
+                    with open(args.json, "a") as out:
+                        out.write(json.dumps(row) + "\n")
+        print(f"# load after the runs {os.getloadavg()}")
+        print(_memory_table(rows))
+        return
     if args.peak_gflops is None:
         peak = _run_child(["--one-peak", "--peak-size", str(args.peak_size), "--repeats", "5"], args.timeout)
         peak_gflops = peak["peak_gflops"]

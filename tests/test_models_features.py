@@ -94,10 +94,11 @@ def tree_paths(params):
 
 
 def test_registry_and_unknown_names():
-    assert set(MODELS) == {"ncsnpp", "ddpm", "ncsnv2_64", "ncsnv2_128", "ncsnv2_256"}
+    assert set(MODELS) == {"ncsnpp", "ddpm", "ncsnv2_64", "ncsnv2_128", "ncsnv2_256", "classifier", "dit"}
     assert isinstance(get_model("ncsnpp", nf=16), NCSNpp)
     with pytest.raises(
-        ValueError, match="unknown model 'unet'; valid names: ddpm, ncsnpp, ncsnv2_128, ncsnv2_256, ncsnv2_64"
+        ValueError,
+        match="unknown model 'unet'; valid names: classifier, ddpm, dit, ncsnpp, ncsnv2_128, ncsnv2_256, ncsnv2_64",
     ):
         get_model("unet")
 

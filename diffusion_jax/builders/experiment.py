@@ -19,8 +19,9 @@ import numpy as np
 
 from diffusion_jax import parametrization as param_lib
 from diffusion_jax.builders import diffusion as diffusion_builders
+from diffusion_jax.builders import sharding as sharding_builders
 from diffusion_jax.builders.config import ConfigError
-from diffusion_jax.training.step import make_mesh
+from diffusion_jax.training import sharding as sharding_lib
 
 __all__ = ["Experiment", "build_experiment", "check_buildable"]
 
@@ -37,10 +38,17 @@ class Experiment:
     data_info: Any
     input_shape: tuple[int, ...]
     _score_impl: Any = None
+    # Latent diffusion: latents -> images in [0, 1] (the autoencoder that wrote the latent data
+    # set; builders.autoencoder.latent_decoder), set by the modes' set-up. None: data space.
+    decode: Any = None
 
     @property
     def null_label(self) -> int | None:
-        """The reserved "no class" label of a class-conditional network (``model.num_classes``)."""
+        """The reserved "no class" label of a class-conditional network (``model.num_classes``);
+        None for unconditional networks and for a classifier (``training.task = 'classifier'``,
+        whose ``num_classes`` are its outputs, not an input)."""
+        if self.config.training.task == "classifier":
+            return None
         return self.config.model.num_classes or None
 
     def model_fn(self, *, train: bool):
@@ -70,8 +78,20 @@ class Experiment:
         )
         return init(key)
 
+    def layout(self, params) -> sharding_lib.Plan:
+        """How ``params`` (arrays or ``jax.eval_shape`` structs) lie on the mesh (``config.mesh``)."""
+        return sharding_builders.build_plan(self.config, params, self.mesh)
+
+    def state_shardings(self, state, layout: sharding_lib.Plan | None = None):
+        """``NamedSharding``s for a training state: the parameters by their layout, the Adam
+        moments and every EMA like their parameters, the rest replicated."""
+        return sharding_lib.state_shardings(state, layout if layout is not None else self.layout(state.params))
+
     def to_data_range(self, x):
-        """Model-space samples -> the data's natural range [0, 1] (images) or as is (toys)."""
+        """Model-space samples -> the data's natural range [0, 1] (images) or as is (toys); latents
+        of a latent data set are decoded to images in [0, 1]."""
+        if self.decode is not None:
+            return self.decode(x)
         centered = self.data_info.centered if self.data_info is not None else self.config.data.centered
         return (np.asarray(x) + 1.0) / 2.0 if centered else np.asarray(x)
 
@@ -88,17 +108,25 @@ def _score(module, sde, parametrization, null_label, params, class_labels, guida
     return (1.0 + guidance_scale) * score - guidance_scale * uncond
 
 
-def build_experiment(config, *, data_info=None) -> Experiment:
+def build_experiment(config, *, data_info=None, devices=None) -> Experiment:
+    """The experiment of ``config``, its mesh (``config.mesh``) over ``devices`` (default: all)."""
     from diffusion_jax.builders.model import build_model, model_input_shape
 
+    module: Any
     try:
-        module = build_model(config)
+        if config.training.task == "autoencoder":  # the network is the autoencoder
+            from diffusion_jax.builders.autoencoder import build_autoencoder  # noqa: PLC0415
+
+            module = build_autoencoder(config)
+        else:
+            module = build_model(config)
         input_shape = tuple(model_input_shape(config, 1)[1:])
     except ValueError as e:
         raise ConfigError(str(e)) from None
     sde = diffusion_builders.build_sde(config)
     parametrization = diffusion_builders.build_parametrization(config)
-    return Experiment(config, module, sde, parametrization, make_mesh(), data_info, input_shape)
+    mesh = sharding_builders.build_mesh(config, devices)
+    return Experiment(config, module, sde, parametrization, mesh, data_info, input_shape)
 
 
 def check_buildable(config) -> list[str]:
@@ -118,7 +146,12 @@ def check_buildable(config) -> list[str]:
             return None
 
     if config.data.image_size is not None and config.data.num_channels is not None:
-        attempt("model", lambda: build_model(config))
+        if config.training.task == "autoencoder":  # the score network's keys are not read
+            from diffusion_jax.builders.autoencoder import check_autoencoder  # noqa: PLC0415
+
+            problems.extend(check_autoencoder(config))
+        else:
+            attempt("model", lambda: build_model(config))
     sde = attempt("training.sde", lambda: diffusion_builders.build_sde(config))
     parametrization = attempt("model", lambda: diffusion_builders.build_parametrization(config))
     if sde is not None and parametrization is not None:

@@ -53,6 +53,7 @@ __all__ = [
     "TensorEntry",
     "load_dit_state_dict",
     "logical_axes",
+    "parameter_axes",
     "LOGICAL_AXIS_NAMES",
 ]
 
@@ -666,6 +667,14 @@ _AXES: dict[tuple[str, ...], tuple[str, ...]] = {
 }
 
 
+def parameter_axes(path: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The logical axis names of the DiT parameter at ``path`` (``('blocks_3', 'mlp', 'fc1',
+    'kernel')``), one per dimension; None for a path this table does not know."""
+    if path and path[0].startswith("blocks_"):
+        path = ("blocks",) + tuple(path[1:])
+    return _AXES.get(tuple(path))
+
+
 def logical_axes(params: Any) -> Any:
     """A tree of the same structure as ``params`` (a DiT parameter tree, or its
     ``jax.eval_shape``) whose leaves are ``PartitionSpec``s of logical axis names, one name per
@@ -677,11 +686,11 @@ def logical_axes(params: Any) -> Any:
 
     def axes(path, leaf):
         keys = tuple(str(getattr(k, "key", k)) for k in path)
+        names = parameter_axes(keys)
         if keys and keys[0].startswith("blocks_"):
             keys = ("blocks",) + keys[1:]
-        if keys not in _AXES:
+        if names is None:
             raise KeyError(f"logical_axes: no axis names for DiT parameter {'/'.join(keys)}")
-        names = _AXES[keys]
         if len(names) != len(leaf.shape):
             raise ValueError(f"logical_axes: {'/'.join(keys)} has shape {leaf.shape}, names {names}")
         return PartitionSpec(*names)
