@@ -25,6 +25,7 @@ from diffusion_jax.conditioning.analytic import (
 )
 from diffusion_jax.conditioning.api import METHODS, get_method, sdedit, solve
 from diffusion_jax.conditioning.base import SubNoise, WindowGrid, project, run_between, step_once
+from diffusion_jax.conditioning.classifier import classifier_loss_fn, trained_classifier
 from diffusion_jax.conditioning.editing import PCProjection, Replacement, SDEdit
 from diffusion_jax.conditioning.guidance import (
     ClassifierFreeGuidance,
@@ -88,6 +89,8 @@ __all__ = [
     "ClassifierFreeGuidance",
     "classifier_guidance",
     "classifier_free_guidance",
+    "classifier_loss_fn",
+    "trained_classifier",
     "SDEdit",
     "Replacement",
     "PCProjection",
