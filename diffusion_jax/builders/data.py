@@ -49,6 +49,8 @@ def build_data_source(config, *, split: str) -> data_lib.Source:
             data_dir=d.data_dir or None,
             folder_path=d.folder_path or None,
             category=d.category or None,
+            latent_dir=d.latent_dir or None,
+            latent_captions=with_defaults(config).model.text_encoder != "none",
         )
     except ValueError as error:
         raise ValueError(f"config.data (dataset={name!r}): {error}") from None

@@ -26,6 +26,7 @@ from diffusion_jax.data import digits as digits_lib
 from diffusion_jax.data import toys as toys_lib
 from diffusion_jax.data import transforms
 from diffusion_jax.data.info import DataInfo
+from diffusion_jax.data.latent import LatentData
 from diffusion_jax.data.sources import (
     ArraySource,
     FolderSource,
@@ -64,7 +65,9 @@ class LoadOptions:
     ``image_size``: side of the square output images (None: the data set's own size);
     ``data_dir``: TFDS data directory (None: ``$DIFFUSION_JAX_DATA_DIR``, else TFDS's default);
     ``folder_path``: image folder of the ``folder`` data set; ``category``: LSUN category;
-    ``num_channels``: 1 or 3 (None: the data set's own; a folder defaults to 3).
+    ``num_channels``: 1 or 3 (None: the data set's own; a folder defaults to 3);
+    ``latent_dir``: the directory of the ``latent`` data set (``diffusion-jax encode``);
+    ``latent_captions``: whether its batches carry the captions' token ids (``context``).
     """
 
     image_size: int | None = None
@@ -72,6 +75,8 @@ class LoadOptions:
     folder_path: str | None = None
     category: str | None = None
     num_channels: int | None = None
+    latent_dir: str | None = None
+    latent_captions: bool = False
 
     @property
     def resolved_data_dir(self) -> str:
@@ -362,6 +367,7 @@ DATASETS: dict[str, Spec] = {
     "checkerboard": ToyData("checkerboard"),
     "swiss_roll": ToyData("swiss_roll"),
     "two_moons": ToyData("two_moons"),
+    "latent": LatentData(),
 }
 
 # score_sde's spellings (compared lower-case).
@@ -394,6 +400,8 @@ def load(
     folder_path: str | os.PathLike | None = None,
     category: str | None = None,
     num_channels: int | None = None,
+    latent_dir: str | os.PathLike | None = None,
+    latent_captions: bool = False,
 ) -> Source:
     """Open one split of data set ``name`` as a :class:`Source` (``source.info`` describes it).
 
@@ -403,7 +411,8 @@ def load(
       split: ``'train'`` or ``'eval'`` (the data set's evaluation split: ``test`` for CIFAR-10,
         SVHN, MNIST and the digits, ``validation`` for CelebA and LSUN); TFDS data sets also take
         any TFDS split string (``'test'``, ``'train[:10%]'``).
-      image_size, data_dir, folder_path, category, num_channels: see :class:`LoadOptions`.
+      image_size, data_dir, folder_path, category, num_channels, latent_dir, latent_captions: see
+        :class:`LoadOptions`.
     """
     key, name_category = canonical_name(name)
     if name_category and category and name_category != category.lower():
@@ -414,6 +423,8 @@ def load(
         folder_path=None if folder_path is None else os.fspath(folder_path),
         category=name_category or (category.lower() if category else None),
         num_channels=num_channels,
+        latent_dir=None if latent_dir is None else os.fspath(latent_dir),
+        latent_captions=latent_captions,
     )
     if not isinstance(split, str) or not split:
         raise ValueError(f"split must be 'train', 'eval' or a TFDS split name, got {split!r}")

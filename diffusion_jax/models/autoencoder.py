@@ -32,11 +32,8 @@ checks every name and shape. All arrays are NHWC. See ``docs/latent.md``.
 from __future__ import annotations
 
 import functools
-import json
-import math
 import os
 import re
-import struct
 from collections.abc import Mapping
 from typing import Any
 
@@ -47,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from diffusion_jax.models.convert import read_safetensors, read_state_dict
 from diffusion_jax.models.layers import group_norm
 
 Array = jax.Array
@@ -436,95 +434,8 @@ class AutoencoderKL(nn.Module, kw_only=True):
 
 
 # --------------------------------------------------------------------------------------------
-# Reading weights
+# Reading weights (the state-dict readers live in diffusion_jax.models.convert)
 # --------------------------------------------------------------------------------------------
-
-# safetensors dtype names -> numpy dtypes (bfloat16 through ml_dtypes, which jax depends on).
-_SAFETENSORS_DTYPES: dict[str, Any] = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
-}
-
-
-def _safetensors_dtype(name: str) -> Any:
-    if name == "BF16":
-        import ml_dtypes  # noqa: PLC0415 (a dependency of jax)
-
-        return ml_dtypes.bfloat16
-    if name not in _SAFETENSORS_DTYPES:
-        raise ValueError(
-            f"safetensors dtype {name!r} is not supported; supported: BF16, {', '.join(_SAFETENSORS_DTYPES)}"
-        )
-    return _SAFETENSORS_DTYPES[name]
-
-
-def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Reads a ``.safetensors`` file into ``{name: numpy array}`` (copies, native byte order).
-
-    The format: an 8-byte little-endian header length ``n``, ``n`` bytes of JSON
-    ``{name: {'dtype', 'shape', 'data_offsets': [begin, end]}, '__metadata__': {...}}``, then the
-    tensors' little-endian bytes, offsets relative to the end of the header. Needs only numpy.
-    """
-    path = os.fspath(path)
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
-        (n,) = struct.unpack("<Q", raw)
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path}: not a safetensors file (its header is not JSON: {err})") from None
-        data = f.read()
-    out: dict[str, np.ndarray] = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = info["data_offsets"]
-        dtype = np.dtype(_safetensors_dtype(info["dtype"])).newbyteorder("<")
-        shape = tuple(info["shape"])
-        if end > len(data) or (end - begin) != dtype.itemsize * math.prod(shape):
-            raise ValueError(f"{path}: tensor {name!r} {info['dtype']}{list(shape)} has inconsistent offsets")
-        out[name] = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=begin).reshape(shape).copy()
-    return out
-
-
-def read_state_dict(source: Mapping[str, Any] | str | os.PathLike) -> dict[str, np.ndarray]:
-    """``{name: numpy array}`` from a state dict (numpy arrays or torch tensors) or a file:
-    ``.safetensors`` (read with numpy only), ``.npz``, or a weights-only PyTorch file
-    (``.pth``/``.pt``/``.bin``, read with :func:`diffusion_jax.models.convert.load_torch_checkpoint`,
-    which needs torch). A ``{'state_dict': ...}`` wrapper is unwrapped and ``module.`` prefixes are
-    removed."""
-    from diffusion_jax.models.convert import load_torch_checkpoint, strip_prefix  # noqa: PLC0415
-
-    loaded: Any = source
-    if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        if path.endswith(".safetensors"):
-            loaded = read_safetensors(path)
-        elif path.endswith(".npz"):
-            with np.load(path) as data:
-                loaded = {k: data[k] for k in data.files}
-        else:
-            loaded = load_torch_checkpoint(path)
-    if not isinstance(loaded, Mapping):
-        raise TypeError(f"expected a state dict or a path to one, got {type(loaded).__name__}")
-    if "state_dict" in loaded and isinstance(loaded["state_dict"], Mapping):
-        loaded = loaded["state_dict"]
-    out = {}
-    for name, value in strip_prefix(loaded).items():
-        if hasattr(value, "detach"):  # a torch tensor (numpy has no bfloat16: widen it)
-            value = value.detach().cpu()
-            value = (value.float() if str(value.dtype) == "torch.bfloat16" else value).numpy()
-        out[name] = np.asarray(value)
-    return out
 
 
 def _torch_name(path: tuple[str, ...]) -> str:

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from diffusion_jax.models.autoencoder import read_state_dict
+from diffusion_jax.models.convert import read_state_dict
 
 Array = jax.Array
 Dtype = Any
