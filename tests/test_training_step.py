@@ -114,7 +114,19 @@ def _grain_iter(x, y, batch, seed=0):
     return iter(ds.to_iter_dataset())
 
 
-def _fit(tmp_path, n_iters, *, stop_after=None, signal_at=None, nan_policy="skip", data=None, n_jitted=2):
+def _fit(
+    tmp_path,
+    n_iters,
+    *,
+    stop_after=None,
+    signal_at=None,
+    nan_policy="skip",
+    data=None,
+    n_jitted=2,
+    background_compile=False,
+    progress=False,
+    log_freq=2,
+):
     x, y = data if data is not None else _data(64)
     opt = make_optimizer(lr=1e-2, warmup=3, grad_clip=1.0)
     mesh = make_mesh()
@@ -156,10 +168,11 @@ def _fit(tmp_path, n_iters, *, stop_after=None, signal_at=None, nan_policy="skip
             checkpointer=ck,
             checkpoint_every=4,
             writer=writer,
-            log_freq=2,
+            log_freq=log_freq,
             stop_after=stop_after,
             nan_policy=nan_policy,
-            progress=False,
+            progress=progress,
+            background_compile=background_compile,
         )
     finally:
         ck.close()
@@ -178,14 +191,35 @@ def test_resume_and_sigterm_reproduce_an_uninterrupted_run(tmp_path):
     np.testing.assert_array_equal(state.params["w"], ref_state.params["w"])
     np.testing.assert_array_equal(state.ema_params["w"], ref_state.ema_params["w"])
     assert _history(tmp_path / "stop") == _history(tmp_path / "ref")
-    # SIGTERM while drawing the 5th batch: a checkpoint is saved, Preempted is raised, resume is exact.
+    # SIGTERM while drawing the 5th batch: a checkpoint is saved, Preempted is raised, resume is
+    # exact. The loop reads one call ahead, so the 5th batch is drawn while the 2nd call (steps 3
+    # and 4) runs: the stop comes after step 4, and the batches read ahead are read again.
     with pytest.raises(loop_lib.Preempted, match="checkpoint saved"):
         _fit(tmp_path / "term", 14, signal_at=5)
     steps = ckpt_lib.Checkpointer(tmp_path / "term" / "checkpoints", read_only=True).steps()
-    assert steps[-1] == 6
+    assert steps[-1] == 4
     state, _ = _fit(tmp_path / "term", 14)
     np.testing.assert_array_equal(state.params["w"], ref_state.params["w"])
     assert _history(tmp_path / "term") == _history(tmp_path / "ref")
+
+
+def test_background_compile_switches_grouping_without_changing_the_run(tmp_path, capsys):
+    """One step per call while the 4-step program compiles in a thread, 4 per call from the next
+    multiple of 4 once it is ready: the same parameters and logged history as 1 and 4 steps per
+    call throughout (a remainder of 2 steps at the end runs one step per call)."""
+    n = 202
+    runs = {
+        "one": dict(n_jitted=1),
+        "four": dict(n_jitted=4),
+        "background": dict(n_jitted=4, background_compile=True, progress=True),
+    }
+    states = {name: _fit(tmp_path / name, n, log_freq=20, **kw)[0] for name, kw in runs.items()}
+    out = capsys.readouterr().out
+    assert "compiled the train step and ran 1 step(s)" in out
+    assert "compiled the 4-step train step in the background" in out
+    for name in ("four", "background"):
+        np.testing.assert_array_equal(states[name].params["w"], states["one"].params["w"])
+        assert _history(tmp_path / name) == _history(tmp_path / "one")
 
 
 def test_nan_policy_stop_names_the_step(tmp_path):

@@ -10,6 +10,7 @@ resize made it), else computed once from the data set's train split and kept in
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -17,6 +18,7 @@ import numpy as np
 
 from diffusion_jax import evaluation as ev
 from diffusion_jax.builders.config import ConfigError
+from diffusion_jax.training.distributed import allgather_rows
 from diffusion_jax.training.logging import progress_bar
 
 __all__ = ["build_detector", "Reference", "build_reference", "quality_metrics"]
@@ -57,7 +59,10 @@ def build_reference(config, detector: ev.Detector, images01, workdir: pathlib.Pa
     if stats_path.exists() and features_path.exists():
         stats = ev.load_reference_statistics(stats_path, detector=detector.name, preprocessing=detector.preprocessing)
         return Reference(stats, np.load(features_path))
-    features = ev.extract_features(detector, images01(), batch_size=config.eval.feature_batch_size).features
+    # Each process reads its strided shard of the split; the features of every shard go to every
+    # process, in the split's order.
+    features = _extract(detector, images01(), config.eval.feature_batch_size).features
+    features = allgather_rows(features, strided=True)
     stats = ev.ReferenceStatistics(ev.statistics_of(features), detector.name, detector.preprocessing)
     if primary:
         stats_path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,14 +71,43 @@ def build_reference(config, detector: ev.Detector, images01, workdir: pathlib.Pa
     return Reference(stats, features)
 
 
-def quality_metrics(config, detector: ev.Detector, reference: Reference, samples01: np.ndarray, step: int) -> dict:
+def _extract(detector: ev.Detector, images, batch_size: int) -> ev.DetectorOutputs:
+    """The detector's outputs for ``images`` on this process's devices (empty arrays for none)."""
+    parts = list(ev.iter_outputs(detector, images, batch_size=batch_size))
+    if not parts:
+        k = detector.num_classes
+        return ev.DetectorOutputs(
+            np.zeros((0, detector.feature_dim), np.float32), np.zeros((0, k), np.float32), np.zeros((0, k), np.float32)
+        )
+    return ev.DetectorOutputs(*(np.concatenate(p) for p in zip(*parts)))
+
+
+def quality_metrics(
+    config,
+    detector: ev.Detector,
+    reference: Reference,
+    samples01: np.ndarray,
+    step: int,
+    *,
+    gather: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> dict:
     """FID (at every ``eval.fid_counts`` that fits, and at all samples), KID, Inception score
-    (with and without the logit bias) and precision/recall of ``samples01`` (images in [0, 1])."""
+    (with and without the logit bias) and precision/recall of ``samples01`` (images in [0, 1]).
+
+    ``gather`` turns the detector's outputs for this process's samples into those of all
+    samples, in order (see :func:`diffusion_jax.modes.setup.gather_chunks`); the metrics are
+    then computed from all of them on every process.
+    """
     e = config.eval
+    ev.check_reference(detector, reference.stats)
     batches = [samples01[i : i + e.feature_batch_size] for i in range(0, len(samples01), e.feature_batch_size)]
-    m = ev.evaluate_samples(
-        detector,
-        progress_bar(batches, len(batches), f"{detector.name} features, step {step}"),
+    outputs = _extract(
+        detector, progress_bar(batches, len(batches), f"{detector.name} features, step {step}"), e.feature_batch_size
+    )
+    if gather is not None:
+        outputs = ev.DetectorOutputs(*(gather(o) for o in outputs))
+    m = ev.metrics_of_outputs(
+        outputs,
         reference.stats,
         key=jax.random.PRNGKey(config.seed + step),
         real_features=reference.features,
@@ -82,7 +116,6 @@ def quality_metrics(config, detector: ev.Detector, reference: Reference, samples
         kid_subsets=e.kid_subsets,
         kid_subset_size=e.kid_subset_size,
         pr_k=e.pr_k,
-        batch_size=e.feature_batch_size,
     )
     out: dict[str, Any] = {
         "quality_detector": detector.name,

@@ -17,12 +17,14 @@ See docs/evaluation.md.
 from diffusion_jax.evaluation.detectors import DETECTORS, Detector, DetectorOutputs, get_detector
 from diffusion_jax.evaluation.extract import (
     SampleMetrics,
+    check_reference,
     compute_reference_statistics,
     evaluate_samples,
     extract_features,
     feature_statistics,
     iter_outputs,
     make_mesh,
+    metrics_of_outputs,
 )
 from diffusion_jax.evaluation.inception import (
     FIDInceptionV3,
@@ -67,6 +69,8 @@ __all__ = [
     "SampleMetrics",
     "compute_reference_statistics",
     "evaluate_samples",
+    "check_reference",
+    "metrics_of_outputs",
     "extract_features",
     "feature_statistics",
     "iter_outputs",

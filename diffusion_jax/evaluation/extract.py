@@ -31,12 +31,15 @@ __all__ = [
     "compute_reference_statistics",
     "SampleMetrics",
     "evaluate_samples",
+    "check_reference",
+    "metrics_of_outputs",
 ]
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-d mesh with axis ``"data"`` over ``devices`` (default: all devices)."""
-    devs = np.asarray(list(devices) if devices is not None else jax.devices())
+    """A 1-d mesh with axis ``"data"`` over ``devices`` (default: this process's devices, so that
+    with several processes each extracts the features of its own images)."""
+    devs = np.asarray(list(devices) if devices is not None else jax.local_devices())
     return Mesh(devs, ("data",))
 
 
@@ -166,12 +169,44 @@ def evaluate_samples(
     """Every metric of ``samples`` (images in [0, 1]) against ``reference`` (refused if made with
     another detector or preprocessing). KID and precision/recall need the real data's features
     ``real_features`` (N, D); ``key`` draws KID's subsets."""
+    check_reference(detector, reference)
+    out = extract_features(detector, samples, batch_size=batch_size, mesh=mesh)
+    return metrics_of_outputs(
+        out,
+        reference,
+        key=key,
+        real_features=real_features,
+        counts=counts,
+        num_splits=num_splits,
+        kid_subsets=kid_subsets,
+        kid_subset_size=kid_subset_size,
+        pr_k=pr_k,
+    )
+
+
+def check_reference(detector: Detector, reference: stats_lib.ReferenceStatistics) -> None:
+    """Raises :class:`ReferenceMismatchError` unless ``detector`` made ``reference``."""
     if (reference.detector, reference.preprocessing) != (detector.name, detector.preprocessing):
         raise stats_lib.ReferenceMismatchError(
             f"reference statistics were computed with detector {reference.detector!r} and preprocessing "
             f"{reference.preprocessing!r}, the samples use {detector.name!r} and {detector.preprocessing!r}"
         )
-    out = extract_features(detector, samples, batch_size=batch_size, mesh=mesh)
+
+
+def metrics_of_outputs(
+    out: DetectorOutputs,
+    reference: stats_lib.ReferenceStatistics,
+    *,
+    key: jax.Array,
+    real_features: np.ndarray | None = None,
+    counts: Sequence[int] = (1000, 5000, 10000, 50000),
+    num_splits: int = 10,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    pr_k: int = 3,
+) -> SampleMetrics:
+    """The metrics of :func:`evaluate_samples` from the samples' detector outputs, e.g. the
+    outputs that several processes extracted from their shares, gathered in sample order."""
     fid = metrics_lib.fid_from_features(out.features, reference.stats)
     usable = [n for n in counts if n <= len(out.features)]
     at_counts = metrics_lib.fid_at_counts(out.features, reference.stats, usable) if usable else {}

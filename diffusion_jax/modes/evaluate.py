@@ -3,6 +3,7 @@ samples, bits/dim); results go to ``<workdir>/eval/``."""
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -16,6 +17,7 @@ from diffusion_jax.builders.experiment import Experiment
 from diffusion_jax.builders.likelihood import evaluate_bpd
 from diffusion_jax.builders.sampler import build_sampler
 from diffusion_jax.modes import setup
+from diffusion_jax.modes.posthoc_ema import chosen_params, ema_tag
 from diffusion_jax.training.logging import MetricWriter, progress_bar
 from diffusion_jax.training.step import make_eval_step, shard_batch
 
@@ -26,6 +28,10 @@ def evaluate(config, workdir) -> dict:
     """Evaluate saved checkpoints in ``[eval.begin_ckpt, eval.end_ckpt]``: loss over the whole
     eval split, samples, and bits/dim; results go to ``<workdir>/eval/`` (process 0 writes)."""
     run = setup.prepare(config, workdir, create=False)
+    if run.config.training.task == "autoencoder":
+        from diffusion_jax.modes.autoencoder import evaluate_autoencoder  # noqa: PLC0415
+
+        return evaluate_autoencoder(run)
     config, workdir, exp, primary = run.config, run.workdir, run.exp, run.primary
     steps = setup.checkpoint_steps(workdir)
     e = config.eval
@@ -50,8 +56,11 @@ def evaluate(config, workdir) -> dict:
     settings = json.loads(
         json.dumps({"eval": config.eval.to_dict(), "sampling": config.sampling.to_dict(), "seed": config.seed})
     )
+    # A non-default average (sampling.ema) gets its own result files and metric split.
+    tag = ema_tag(config)
+    suffix = f"_{tag}" if tag else ""
     for step in chosen:
-        done = out_dir / f"results_{step:08d}.json"
+        done = out_dir / f"results_{step:08d}{suffix}.json"
         previous = _previous(done, settings)
         if previous is not None:
             results[step] = previous
@@ -59,12 +68,14 @@ def evaluate(config, workdir) -> dict:
                 print(f"checkpoint {step}: evaluated before with these settings ({done.name})", flush=True)
             continue
         _, state = setup.restore_state(config, exp, workdir, step)
-        params = state.ema_params
-        res: dict[str, Any] = {"step": step}
+        params = chosen_params(config, exp, workdir, step, state)
+        res: dict[str, Any] = {"step": step, **({"ema": config.sampling.ema} if tag else {})}
         if e.enable_loss:
             res.update(_eval_loss(config, exp, params, step))
         if e.enable_sampling:
             sampler = build_sampler(config, sde=exp.sde)
+            # Each process draws its share of the chunks and extracts their features; the rows
+            # are gathered in chunk order, so the results do not depend on the process count.
             x, sinfo = setup.sample_images(
                 exp,
                 params,
@@ -72,23 +83,30 @@ def evaluate(config, workdir) -> dict:
                 e.num_samples,
                 sampler,
                 labels=setup.class_labels(exp, e.num_samples),
+                share=True,
             )
-            res["sampling_nfe"] = int(np.asarray(sinfo.nfe))
+            chunk = min(e.num_samples, config.sampling.batch_size)
+            gather = functools.partial(setup.gather_chunks, n=e.num_samples, chunk=chunk)
+            if sinfo is not None:
+                res["sampling_nfe"] = int(np.asarray(sinfo.nfe))
             if detector is not None:
                 if reference is None:
                     reference = quality.build_reference(
                         config, detector, lambda: _real_images(config, exp), workdir, primary=primary
                     )
                 images = np.clip(exp.to_data_range(x), 0.0, 1.0)  # as saved and shown
-                res.update(quality.quality_metrics(config, detector, reference, images, step))
+                res.update(quality.quality_metrics(config, detector, reference, images, step, gather=gather))
+            x = gather(x)
             if primary:
-                np.savez(out_dir / f"samples_{step:08d}.npz", samples=exp.to_data_range(x))
-                setup.save_samples(exp, x, out_dir / f"samples_{step:08d}.png")
+                np.savez(out_dir / f"samples_{step:08d}{suffix}.npz", samples=exp.to_data_range(x))
+                setup.save_samples(exp, x, out_dir / f"samples_{step:08d}{suffix}.png")
         if e.enable_bpd:
             res.update(evaluate_bpd(config, exp, params, step=step))
         results[step] = res
         writer.write(
-            step, {k: v for k, v in res.items() if k != "step" and isinstance(v, (int, float))}, split="evaluation"
+            step,
+            {k: v for k, v in res.items() if k != "step" and isinstance(v, (int, float))},
+            split=f"evaluation_{tag}" if tag else "evaluation",
         )
         writer.flush()
         if primary:

@@ -12,8 +12,10 @@ import logging
 import os
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
-__all__ = ["initialize", "cluster_from_environment", "compilation_cache"]
+__all__ = ["initialize", "cluster_from_environment", "compilation_cache", "allgather_rows"]
 
 log = logging.getLogger(__name__)
 _initialized = False
@@ -93,3 +95,36 @@ def compilation_cache(directory: str | None = None) -> str:
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     return directory
+
+
+def _allgather_padded(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(every, counts)``: every process's rows of ``x`` padded to the longest, shape
+    ``(processes, max rows, ...)``, and each process's row count."""
+    counts = np.asarray(multihost_utils.process_allgather(np.int64(len(x)))).reshape(-1)
+    padded = np.zeros((int(counts.max()), *x.shape[1:]), x.dtype)
+    padded[: len(x)] = x
+    return np.asarray(multihost_utils.process_allgather(padded)), counts
+
+
+def allgather_rows(x: np.ndarray, *, strided: bool = False) -> np.ndarray:
+    """Every process's rows of ``x`` on every process: concatenated in process order, or with
+    ``strided`` interleaved (process ``p`` holds rows ``p, p + P, ...`` of the whole, as a data
+    shard does), which restores the whole's order.
+
+    The arrays may have different numbers of rows on different processes (the rest of the shape
+    and the dtype must agree); on one process ``x`` is returned as it is.
+    """
+    x = np.asarray(x)
+    procs = jax.process_count()
+    if procs == 1:
+        return x
+    every, counts = _allgather_padded(x)
+    if not strided:
+        return np.concatenate([every[p, :n] for p, n in enumerate(counts)])
+    total = int(counts.sum())
+    if any(n != len(range(p, total, procs)) for p, n in enumerate(counts)):
+        raise ValueError(f"row counts {counts.tolist()} are not those of strided shards of {total} rows")
+    out = np.empty((total, *x.shape[1:]), x.dtype)
+    for p, n in enumerate(counts):
+        out[p::procs] = every[p, :n]
+    return out
