@@ -90,7 +90,7 @@ def test_the_scan_finds_reads_through_aliases(tmp_path):
 
 @pytest.mark.parametrize("key", config_lib.SCHEMA, ids=[k.path for k in config_lib.SCHEMA])
 def test_every_key_has_a_type_a_valid_default_and_a_meaning(key):
-    assert key.help and key.kind in ("int", "float", "bool", "str", "ints")
+    assert key.help and key.kind in ("int", "float", "bool", "str", "ints", "floats")
     assert config_lib._type_ok(key, key.default), (key.path, key.default)
     if key.default is not None and key.check is not None:
         assert key.check(key.default) is None, key.path

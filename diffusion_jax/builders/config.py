@@ -52,11 +52,17 @@ __all__ = [
     "MUTABLE_KEYS",
     "workdir_config",
     "check_mutable",
+    "ema_choice",
+    "SIGMA_REL_MAX",
 ]
 
 # What may differ from a workdir's stored config when its checkpoints are sampled or evaluated:
-# the sampler, the evaluation, the seed, where the data and the other processes are.
-MUTABLE_KEYS = ("seed", "sampling", "eval", "distributed", "data.data_dir", "data.num_threads", "data.num_workers")
+# the sampler, the evaluation, the seed, where the data and the other processes are, how `encode`
+# writes latents and which autoencoder decodes them.
+MUTABLE_KEYS = (
+    "seed", "sampling", "eval", "distributed", "mesh", "data.data_dir", "data.num_threads", "data.num_workers",
+    "autoencoder.encode_sample", "autoencoder.scale_factor", "data.autoencoder_workdir",
+)  # fmt: skip
 
 
 class ConfigError(ValueError):
@@ -72,7 +78,8 @@ class Key:
 
     path: dotted name, e.g. ``"training.batch_size"``.
     default: the value of :func:`default_config`.
-    kind: ``"int"``, ``"float"``, ``"bool"``, ``"str"`` or ``"ints"`` (a tuple of integers).
+    kind: ``"int"``, ``"float"``, ``"bool"``, ``"str"``, ``"ints"`` (a tuple of integers) or
+        ``"floats"`` (a tuple of numbers).
     help: one line: what the key means (``docs/config.md`` is generated from it).
     optional: None is allowed (and then means what ``help`` says).
     check: a value constraint returning a message (without the key's name) or None.
@@ -97,7 +104,10 @@ class Key:
 
     @property
     def type_name(self) -> str:
-        base = {"int": "int", "float": "float", "bool": "bool", "str": "str", "ints": "tuple of int"}[self.kind]
+        base = {
+            "int": "int", "float": "float", "bool": "bool", "str": "str", "ints": "tuple of int",
+            "floats": "tuple of float",
+        }[self.kind]  # fmt: skip
         return f"{base} or None" if self.optional else base
 
 
@@ -125,6 +135,65 @@ def _non_empty(v) -> str | None:
     return None if len(v) else "must not be empty"
 
 
+# The longest power-function EMA profile, gamma = 0 (a uniform average); see training/ema.py.
+SIGMA_REL_MAX = 12.0**-0.5
+
+
+def _ema_rates(v) -> str | None:
+    if not all(0 <= r < 1 for r in v):
+        return "must hold decays in [0, 1)"
+    return None if len(set(v)) == len(v) else "must not repeat a rate"
+
+
+def _sigma_rels(v) -> str | None:
+    if not all(0 < s <= SIGMA_REL_MAX for s in v):
+        return f"must hold relative standard deviations in (0, {SIGMA_REL_MAX:.4f}] (EDM2's sigma_rel)"
+    return None if len(set(v)) == len(v) else "must not repeat a value"
+
+
+def ema_choice(text: str) -> tuple[str, float | None]:
+    """``sampling.ema`` parsed: ``("main", None)`` for '', ``("params", None)``, ``("rate", R)``
+    or ``("sigma_rel", S)``; a ValueError says what is allowed."""
+    allowed = "'' (the EMA of model.ema_rate), 'params', 'rate:R' or 'sigma_rel:S'"
+    text = text.strip()
+    if text in ("", "params"):
+        return ("main" if not text else "params"), None
+    kind, colon, value = text.partition(":")
+    if not colon or kind not in ("rate", "sigma_rel"):
+        raise ValueError(f"must be {allowed}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a number; must be {allowed}") from None
+    if kind == "rate" and not 0 <= number < 1:
+        raise ValueError("rate:R needs R in [0, 1)")
+    if kind == "sigma_rel" and not 0 < number <= SIGMA_REL_MAX:
+        raise ValueError(f"sigma_rel:S needs S in (0, {SIGMA_REL_MAX:.4f}]")
+    return kind, number
+
+
+def _ema_choice_problem(v: str) -> str | None:
+    try:
+        ema_choice(v)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _mesh_size(v) -> str | None:
+    return None if v == -1 or v >= 1 else "must be >= 1, or -1 for the rest of the devices"
+
+
+def _rules_problem(v: str) -> str | None:
+    from diffusion_jax.training.sharding import parse_rules
+
+    try:
+        parse_rules(v)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def _K(path, default, kind, help, **kw) -> Key:  # noqa: N802 (a table constructor, read as a row)
     return Key(path, default, kind, help, **kw)
 
@@ -136,7 +205,10 @@ SECTIONS: dict[str, str] = {
     "eval": "the `eval` mode",
     "data": "the data set and its pipeline",
     "model": "the network, its parametrization, the SDE's parameters and the EMA",
+    "autoencoder": "the autoencoder of latent diffusion: its network, its training loss, and how `encode` writes "
+    "latents",
     "optim": "the optimiser",
+    "mesh": "the device mesh (data / fsdp / tensor) and how parameters are sharded over it (docs/training_at_scale.md)",
     "distributed": "multi-host start-up",
 }
 
@@ -154,6 +226,8 @@ SCHEMA: tuple[Key, ...] = (
        check=_positive),
     _K("training.snapshot_sampling", True, "bool", "write a sample grid at every kept checkpoint"),
     _K("training.n_jitted_steps", 1, "int", "optimizer steps per jitted call", check=_positive),
+    _K("training.background_compile", True, "bool", "with n_jitted_steps > 1 on one process: start "
+       "with one step per call while the n-step program compiles in a thread (runs of 200+ steps)"),
     _K("training.sde", "vesde", "str", "the SDE", choices="sde"),
     _K("training.continuous", True, "bool", "continuous-time training; False: score_sde's discrete SMLD / DDPM "
        "losses (vesde / vpsde only)"),
@@ -175,6 +249,12 @@ SCHEMA: tuple[Key, ...] = (
     _K("training.async_checkpointing", True, "bool", "write checkpoints in the background"),
     _K("training.class_dropout", 0.1, "float", "classifier-free guidance: probability of dropping the label "
        "(class-conditional models)", check=_unit),
+    _K("training.caption_dropout", 0.1, "float", "classifier-free guidance: probability of replacing the caption "
+       "by the empty one (text-conditioned models)", check=_unit),
+    _K("training.task", "score", "str", "what the network learns: 'score' (the diffusion model) or 'classifier' "
+       "(a noise-conditional classifier of the data's labels for classifier guidance; model.name = 'classifier') "
+       "or 'autoencoder' (the autoencoder of latent diffusion, set by the autoencoder section)",
+       choices=("score", "classifier", "autoencoder")),
     _K("training.snapshot_samples", 64, "int", "images in each snapshot sample grid", check=_positive),
 
     # sampling
@@ -206,6 +286,9 @@ SCHEMA: tuple[Key, ...] = (
     _K("sampling.guidance_scale", 0.0, "float", "classifier-free guidance weight w (class-conditional models)",
        check=_non_negative),
     _K("sampling.batch_size", 64, "int", "samples per sampler call in eval / sample", check=_positive),
+    _K("sampling.ema", "", "str", "the average that sample / eval / load use: '' the EMA of model.ema_rate, "
+       "'params' none, 'rate:R' one of model.ema_rates, 'sigma_rel:S' a power EMA tracked or written by "
+       "posthoc_ema (docs/ema.md)", check=_ema_choice_problem),
 
     # eval
     _K("eval.begin_ckpt", 0, "int", "first checkpoint step to evaluate", check=_non_negative),
@@ -264,6 +347,11 @@ SCHEMA: tuple[Key, ...] = (
     _K("data.tfrecords_path", "", "str", "score_sde's FFHQ / CelebA-HQ TFRecords: not supported (needs "
        "TensorFlow); must stay ''",
        check=lambda v: None if not v else "is not supported (TFRecords need TensorFlow); use dataset = 'folder'"),
+    _K("data.latent_dir", "", "str", "a latent data set written by `diffusion-jax encode` (dataset = 'latent')"),
+    _K("data.captions", "", "str", "captions generated from labels and attributes, written by `encode` into the "
+       "latent data set and read by text-conditioned models; '': none", choices=("", "digits")),
+    _K("data.autoencoder_workdir", "", "str", "latent data sets: the autoencoder that decodes samples; '': the "
+       "workdir recorded in the latent set (its parameters must be the ones that wrote it)"),
 
     # model: the network
     _K("model.name", "ncsnpp", "str", "the network", choices="model"),
@@ -298,14 +386,27 @@ SCHEMA: tuple[Key, ...] = (
     _K("model.nonlinearity", "swish", "str", "activation", choices="activation"),
     _K("model.interpolation", "bilinear", "str", "NCSNv2 up-sampling",
        choices=("bilinear", "bilinear_half_pixel", "nearest_neighbor")),
-    _K("model.num_classes", 0, "int", "> 0: class-conditional with a reserved null label", check=_non_negative),
+    _K("model.num_classes", 0, "int", "> 0: class-conditional with a reserved null label; with training.task = "
+       "'classifier', the classifier's number of classes", check=_non_negative),
     _K("model.cross_attn_resolutions", (), "ints", "resolutions with cross-attention to a context",
        check=_all_at_least(1)),
     _K("model.cross_attn_heads", 1, "int", "heads of the cross-attention", check=_positive),
     _K("model.context_dim", None, "int", "width of the cross-attention context; None: no context", optional=True,
        check=_positive),
+    _K("model.text_encoder", "none", "str", "text conditioning: 'tiny' trains a small text transformer of width "
+       "context_dim with the network on the captions of data.captions (docs/latent.md)", choices=("none", "tiny")),
     _K("model.remat", False, "bool", "recompute each block's activations in the backward pass"),
     _K("model.dtype", "float32", "str", "compute dtype (parameters stay float32)", choices=("float32", "bfloat16")),
+    # model: DiT (model.name = 'dit'; docs/dit.md)
+    _K("model.dit_preset", "", "str", "DiT: a published size (sets patch_size, hidden_size, depth, num_heads); '': "
+       "those keys", choices="dit_preset"),
+    _K("model.patch_size", None, "int", "DiT patch side; None: the preset's", optional=True, check=_positive),
+    _K("model.hidden_size", None, "int", "DiT token width; None: the preset's", optional=True, check=_positive),
+    _K("model.depth", None, "int", "DiT blocks; None: the preset's", optional=True, check=_positive),
+    _K("model.num_heads", None, "int", "DiT attention heads; None: the preset's", optional=True, check=_positive),
+    _K("model.mlp_ratio", 4.0, "float", "DiT MLP width / hidden_size", check=_positive),
+    _K("model.learn_sigma", False, "bool", "DiT: also output the variance channels (the published checkpoints); "
+       "the library's losses do not train them"),
     # model: the SDE's parameters (score_sde keeps them here)
     _K("model.sigma_min", 0.01, "float", "VE / EDM smallest noise level", check=_positive),
     _K("model.sigma_max", 50.0, "float", "VE / EDM largest noise level", check=_positive),
@@ -319,6 +420,36 @@ SCHEMA: tuple[Key, ...] = (
     # model: the EMA
     _K("model.ema_rate", 0.9999, "float", "EMA decay per step", check=_unit),
     _K("model.ema_warmup", False, "bool", "EMA decay min(rate, (1 + step) / (10 + step))"),
+    _K("model.ema_rates", (), "floats", "more EMA decays tracked besides ema_rate (same warm-up); "
+       "sampling.ema = 'rate:R' picks one (docs/ema.md)", check=_ema_rates),
+    _K("model.ema_sigma_rels", (), "floats", "power-function EMAs (EDM2) tracked, by relative std sigma_rel; "
+       "EDM2 tracks (0.05, 0.1) for post-hoc EMA", check=_sigma_rels),
+    _K("model.ema_snapshot_freq", 0, "int", "steps between snapshots of the power-function EMAs "
+       "(<workdir>/ema_snapshots, read by posthoc_ema); 0: none", check=_non_negative),
+
+    # autoencoder (training.task = 'autoencoder'; Rombach et al. 2022, sec. 3)
+    _K("autoencoder.block_out_channels", (32, 64, 64), "ints", "channels per level; the latents are 2^(levels - 1) "
+       "times smaller than the images", check=_all_at_least(1)),
+    _K("autoencoder.layers_per_block", 1, "int", "ResNet blocks per encoder level (decoder: one more)",
+       check=_positive),
+    _K("autoencoder.latent_channels", 4, "int", "latent channels", check=_positive),
+    _K("autoencoder.norm_num_groups", 8, "int", "GroupNorm groups (must divide every channel count)",
+       check=_positive),
+    _K("autoencoder.mid_block_attention", True, "bool", "self-attention in the mid blocks"),
+    _K("autoencoder.reconstruction", "l1", "str", "reconstruction loss, summed over pixels", choices=("l1", "l2")),
+    _K("autoencoder.kl_weight", 1e-6, "float", "weight of KL(q(z|x) || N(0, I)) against the reconstruction",
+       check=_non_negative),
+    _K("autoencoder.sample_posterior", True, "bool", "train on a posterior sample (False: its mean)"),
+    _K("autoencoder.disc_weight", 0.0, "float", "weight of the patch discriminator's generator loss; 0: no "
+       "discriminator", check=_non_negative),
+    _K("autoencoder.disc_start", 0, "int", "step from which the discriminator trains and its loss counts",
+       check=_non_negative),
+    _K("autoencoder.disc_channels", 64, "int", "channels of the discriminator's first layer", check=_positive),
+    _K("autoencoder.disc_layers", 3, "int", "stride-2 layers of the discriminator", check=_positive),
+    _K("autoencoder.encode_sample", False, "bool", "encode: write a seeded posterior sample per example "
+       "instead of the posterior mean"),
+    _K("autoencoder.scale_factor", None, "float", "encode: the latents' scale factor; None: 1 / std of the "
+       "train split's latents (Rombach et al. 2022, App. G)", optional=True, check=_positive),
 
     # optim
     _K("optim.optimizer", "Adam", "str", "Adam (L2 weight decay) or AdamW (decoupled)", choices=("Adam", "AdamW")),
@@ -329,6 +460,17 @@ SCHEMA: tuple[Key, ...] = (
     _K("optim.weight_decay", 0.0, "float", "weight decay", check=_non_negative),
     _K("optim.warmup", 5000, "int", "steps of linear learning-rate warm-up", check=_non_negative),
     _K("optim.grad_clip", 1.0, "float", "clip the global gradient norm to this; < 0: no clipping"),
+
+    # mesh
+    _K("mesh.data", -1, "int", "data-parallel size; -1: the devices left over by fsdp and tensor", check=_mesh_size),
+    _K("mesh.fsdp", 1, "int", "devices each parameter, its Adam moments and its EMA are split over (FSDP); the "
+       "batch is split over data x fsdp; -1: the rest", check=_mesh_size),
+    _K("mesh.tensor", 1, "int", "tensor-parallel size (DiT attention heads and MLP); -1: the rest",
+       check=_mesh_size),
+    _K("mesh.rules", "", "str", "logical axis -> mesh axis rules in priority order, 'name:axis, ...' (axis fsdp "
+       "or tensor); '': the library's (training/sharding.py DEFAULT_RULES)", check=_rules_problem),
+    _K("mesh.replicate_unannotated", False, "bool", "on a sharded mesh, replicate parameters that declare no "
+       "logical axes (with a warning) instead of refusing to start"),
 
     # distributed
     _K("distributed.coordinator_address", "", "str", "host:port of process 0; '': from the environment (TPU "
@@ -347,7 +489,7 @@ _CASE_INSENSITIVE = {"model.normalization", "optim.optimizer", "data.dataset", "
 
 
 def _placeholder_type(kind: str) -> type:
-    return {"int": int, "float": float, "bool": bool, "str": str, "ints": tuple}[kind]
+    return {"int": int, "float": float, "bool": bool, "str": str, "ints": tuple, "floats": tuple}[kind]
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -455,7 +597,8 @@ def markdown() -> str:
         out += [f"## `{section or 'top level'}`: {what}" if section else f"## Top level: {what}", ""]
         out += ["| key | type | default | meaning |", "|---|---|---|---|"]
         for k in keys:
-            default = "None" if k.default is None else repr(tuple(k.default) if k.kind == "ints" else k.default)
+            value = tuple(k.default) if k.kind in ("ints", "floats") and k.default is not None else k.default
+            default = "None" if value is None else repr(value)
             meaning = k.help
             allowed = _allowed(k)
             if allowed:
@@ -527,9 +670,21 @@ def parse_override(path: str, text: str) -> Any:
             if not isinstance(value, (tuple, list)) or not all(isinstance(i, int) for i in value):
                 raise ValueError
             return tuple(value)
+        if key.kind == "floats":
+            value = ast.literal_eval(raw if raw.startswith(("(", "[")) else f"({raw},)")
+            if isinstance(value, (int, float)):
+                value = (value,)
+            if not isinstance(value, (tuple, list)) or not all(
+                isinstance(i, (int, float)) and not isinstance(i, bool) for i in value
+            ):
+                raise ValueError
+            return tuple(float(i) for i in value)
         return text
     except (ValueError, SyntaxError):
-        expected = {"bool": "True or False", "int": "an integer", "float": "a number", "ints": "integers like (1, 2)"}
+        expected = {
+            "bool": "True or False", "int": "an integer", "float": "a number", "ints": "integers like (1, 2)",
+            "floats": "numbers like (0.05, 0.1)",
+        }  # fmt: skip
         extra = " or None" if key.optional else ""
         raise ConfigError(f"--config.{path}={text}: expected {expected[key.kind]}{extra}") from None
 
@@ -583,6 +738,7 @@ def registries() -> dict[str, list[str]]:
     """Valid names of the registry-backed keys, from the library's literal registries."""
     from diffusion_jax import evaluation, likelihood, losses, models, parametrization, samplers, sde
     from diffusion_jax.data import datasets
+    from diffusion_jax.models.dit import DIT_PRESETS
     from diffusion_jax.models.layers import ACTIVATIONS
 
     return {
@@ -601,6 +757,7 @@ def registries() -> dict[str, list[str]]:
         "dataset": list(datasets.DATASETS),
         "detector": list(evaluation.DETECTORS),
         "resize_mode": list(evaluation.RESIZE_MODES),
+        "dit_preset": list(DIT_PRESETS),
     }
 
 
@@ -615,6 +772,10 @@ def _type_ok(key: Key, v: Any) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
     if key.kind == "str":
         return isinstance(v, str)
+    if key.kind == "floats":
+        return isinstance(v, (tuple, list)) and all(
+            isinstance(i, (int, float)) and not isinstance(i, bool) and not math.isnan(i) for i in v
+        )
     return isinstance(v, (tuple, list)) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
 
 
@@ -633,7 +794,7 @@ def _choice_problem(key: Key, v: str, regs: dict[str, list[str]]) -> str | None:
         allowed = list(regs[key.choices])
     else:
         allowed = list(key.choices)
-    if key.path in ("model.output", "model.noise_cond", "sampling.grid"):
+    if key.path in ("model.output", "model.noise_cond", "sampling.grid", "model.dit_preset"):
         allowed = ["", *allowed]
     folded = v.lower() if key.path in _CASE_INSENSITIVE else v
     pool = [a.lower() for a in allowed] if key.path in _CASE_INSENSITIVE else allowed
@@ -680,8 +841,46 @@ def _cross_field_checks(c: dict[str, Any]) -> list[str]:
         out.append(f"model.beta_min = {c['model.beta_min']} must be below model.beta_max = {c['model.beta_max']}")
     if c["model.cross_attn_resolutions"] and c["model.context_dim"] is None:
         out.append("model.cross_attn_resolutions needs model.context_dim (the width of the context)")
+    if (c["training.task"] == "classifier") != (c["model.name"].lower() == "classifier"):
+        out.append(
+            f"training.task = {c['training.task']!r} and model.name = {c['model.name']!r}: the classifier task trains "
+            "model.name = 'classifier', and that network learns nothing else"
+        )
+    if c["training.task"] == "classifier":
+        if c["model.num_classes"] < 2:
+            out.append("training.task = 'classifier' needs model.num_classes >= 2 (the data's classes)")
+        samples = [k for k in ("training.snapshot_sampling", "eval.enable_sampling", "eval.enable_bpd") if c[k]]
+        if samples:
+            out.append(f"a classifier (training.task = 'classifier') draws no samples: set {', '.join(samples)} False")
+    mesh = {a: c[f"mesh.{a}"] for a in ("data", "fsdp", "tensor")}
+    if list(mesh.values()).count(-1) > 1:
+        out.append(f"at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1 (the rest), got {mesh}")
+    if c["model.text_encoder"] != "none":
+        if not c["data.captions"]:
+            out.append(f"model.text_encoder = {c['model.text_encoder']!r} needs data.captions (the captions it reads)")
+        if c["data.dataset"].lower() != "latent":
+            out.append("model.text_encoder reads the captions of a latent data set (data.dataset = 'latent')")
+        if c["model.context_dim"] is None or not c["model.cross_attn_resolutions"] or c["model.context_dim"] % 4:
+            out.append(
+                "model.text_encoder needs model.context_dim (the text encoder's width, a multiple of its 4 heads) "
+                "and model.cross_attn_resolutions (where the network reads it)"
+            )
+    if c["data.dataset"].lower() == "latent" and not c["data.latent_dir"]:
+        out.append("data.dataset = 'latent' needs data.latent_dir (a directory written by `diffusion-jax encode`)")
+    if c["training.task"] == "autoencoder" and c["data.dataset"].lower() == "latent":
+        out.append("training.task = 'autoencoder' trains on images; data.dataset = 'latent' holds latents")
     if c["eval.enable_quality"] and not c["eval.enable_sampling"]:
         out.append("eval.enable_quality needs eval.enable_sampling (the metrics are of the samples)")
+    if c["model.ema_snapshot_freq"] and not c["model.ema_sigma_rels"]:
+        out.append("model.ema_snapshot_freq > 0 needs model.ema_sigma_rels (the power-function EMAs to snapshot)")
+    kind, value = ema_choice(c["sampling.ema"])
+    tracked = (c["model.ema_rate"], *c["model.ema_rates"])
+    untracked = value is not None and not any(math.isclose(value, r, rel_tol=0, abs_tol=1e-12) for r in tracked)
+    if kind == "rate" and untracked:
+        out.append(
+            f"sampling.ema = {c['sampling.ema']!r}: the run tracks the rates "
+            f"{', '.join(map(str, tracked))} (model.ema_rate and model.ema_rates)"
+        )
     if c["training.eps"] >= 1.0 and c["training.sde"].lower() != "edm":
         out.append(f"training.eps = {c['training.eps']} must be below the end time 1")
     return out

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from diffusion_jax.builders import config as config_lib
 from diffusion_jax.builders import data as data_builders
@@ -27,9 +29,11 @@ from diffusion_jax.builders import diffusion as diffusion_builders
 from diffusion_jax.builders.config import ConfigError
 from diffusion_jax.builders.experiment import Experiment, build_experiment, check_buildable
 from diffusion_jax.training import checkpoint as ckpt_lib
+from diffusion_jax.training import sharding as sharding_lib
+from diffusion_jax.training.distributed import allgather_rows
 from diffusion_jax.training.logging import progress_bar, save_image_grid
 from diffusion_jax.training.state import init_train_state
-from diffusion_jax.training.step import per_device_batch, replicate
+from diffusion_jax.training.step import per_device_batch
 
 __all__ = [
     "Run",
@@ -41,6 +45,7 @@ __all__ = [
     "restore_state",
     "checkpoint_steps",
     "sample_images",
+    "gather_chunks",
     "class_labels",
     "save_samples",
     "write_atomically",
@@ -52,6 +57,9 @@ __all__ = [
 # Keys whose change makes a workdir's checkpoints unusable or its results incomparable.
 INCOMPATIBLE_KEYS = (
     "model",
+    "autoencoder",
+    "data.latent_dir",
+    "training.task",
     "training.sde",
     "training.continuous",
     "data.dataset",
@@ -128,6 +136,9 @@ def check_workdir_config(config, workdir: pathlib.Path) -> None:
         saved = json.loads(path.read_text())
     except ValueError as e:
         raise ConfigError(f"{path} is not valid JSON ({e}); move it away to start a new run") from None
+    # Keys added to the schema after the workdir was written take their defaults (which keep
+    # the behaviour of before), as when its config.py is loaded.
+    saved = config_lib.with_defaults(saved).to_dict()
     diff = config_lib.config_diff(saved, json.loads(config.to_json_best_effort()), INCOMPATIBLE_KEYS)
     if diff:
         raise ConfigError(
@@ -186,12 +197,26 @@ def prepare(config, workdir, *, create: bool, need_data: bool = True) -> Run:
     if create:
         _prepare_workdir(workdir)
     check_workdir_config(config, workdir)
-    info = _data_info(config, required=need_data)
+    latent = config.data.dataset.lower() == "latent"
+    info = _data_info(config, required=need_data or latent)  # a latent set describes its samples
     config = _resolve_shape(config, info)
     problems = check_buildable(config)
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
     exp = build_experiment(config, data_info=info)
+    if latent and config.training.task != "autoencoder":
+        from diffusion_jax.builders.autoencoder import latent_decoder  # noqa: PLC0415
+        from diffusion_jax.data.latent import read_metadata  # noqa: PLC0415
+
+        meta = read_metadata(config.data.latent_dir)
+        captions = (meta.get("captions") or {}).get("name", "")
+        if config.model.text_encoder != "none" and captions != config.data.captions:
+            raise ConfigError(
+                f"model.text_encoder reads data.captions = {config.data.captions!r}, but the latent data set "
+                f"{config.data.latent_dir} holds {'captions ' + repr(captions) if captions else 'no captions'}; "
+                "encode it with the autoencoder's data.captions set"
+            )
+        exp.decode = latent_decoder(config, meta)
     return Run(config, workdir, exp, jax.process_index() == 0)
 
 
@@ -214,12 +239,14 @@ def write_atomically(path: pathlib.Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def check_batch(key: str, global_batch: int, *, grad_accum_steps: int = 1) -> int:
-    """Per-device batch of ``config.<key>`` on the mesh; a ConfigError if it does not divide."""
+def check_batch(key: str, global_batch: int, *, grad_accum_steps: int = 1, mesh=None) -> int:
+    """Per-device batch of ``config.<key>`` on the mesh; a ConfigError if it does not divide. With
+    ``mesh``, the batch is split over its ``data x fsdp`` devices (a ``tensor`` group shares its
+    examples); without, over every device."""
     try:
         return per_device_batch(
             global_batch,
-            num_devices=jax.device_count(),
+            num_devices=jax.device_count() if mesh is None else sharding_lib.batch_shards(mesh),
             num_processes=jax.process_count(),
             grad_accum_steps=grad_accum_steps,
             name=key,
@@ -246,10 +273,14 @@ def restore_state(config, exp: Experiment, workdir: pathlib.Path, step: int | No
     """``(step, TrainState)`` of a checkpoint (the newest readable one when ``step`` is None)."""
     optimizer = diffusion_builders.build_optimizer(config)
     params = jax.eval_shape(exp.init_params, jax.random.PRNGKey(0))
-    template = jax.eval_shape(lambda p: init_train_state(p, optimizer, jax.random.PRNGKey(0)), params)
-    # Replicated over the mesh, like the training state: on several hosts every array must be
-    # a global array to enter computations sharded over all devices.
-    template = replicate(jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), template), exp.mesh)
+    extra_ema = diffusion_builders.build_ema(config)
+    template = jax.eval_shape(lambda p: init_train_state(p, optimizer, jax.random.PRNGKey(0), ema=extra_ema), params)
+    # Laid out on the mesh of config.mesh, as in training: orbax reads each device's slice,
+    # whatever mesh wrote the checkpoint; on several hosts every array is a global array.
+    shardings = exp.state_shardings(template)
+    template = jax.tree_util.tree_map(
+        lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), template, shardings
+    )
     checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", read_only=True)
     try:
         restored = checkpointer.restore(template, step=step)
@@ -265,23 +296,83 @@ def class_labels(exp: Experiment, n: int):
     return jnp.arange(n, dtype=jnp.int32) % exp.module.num_classes
 
 
-def sample_images(exp: Experiment, params, key, n: int, sampler, *, labels=None) -> tuple[np.ndarray, Any]:
-    """``n`` samples in chunks of ``sampling.batch_size`` (one compiled sampler); returns the
-    samples and the info of the last chunk. Chunk ``i`` uses ``fold_in(key, i)``."""
+def sample_images(
+    exp: Experiment, params, key, n: int, sampler, *, labels=None, share: bool = False
+) -> tuple[np.ndarray, Any]:
+    """``n`` samples in chunks of ``sampling.batch_size`` (one compiled sampler, each chunk's
+    batch split over this process's devices when it divides over them); returns the samples
+    and the info of the last chunk. Chunk ``i`` uses ``fold_in(key, i)``, so the samples do not
+    depend on the number of devices or processes.
+
+    With ``share`` and several processes, process ``p`` draws only chunks ``p, p + P, ...`` and
+    returns them, whole and concatenated (info None when it has none): :func:`gather_chunks`
+    puts every process's rows back in chunk order. Otherwise every process draws all ``n``.
+    """
     from diffusion_jax import samplers as samplers_lib
+    from diffusion_jax.samplers.base import NoiseSource
 
     guidance = exp.config.sampling.guidance_scale
     chunk = min(n, exp.config.sampling.batch_size)
+    shape = (chunk, *exp.input_shape)
+    starts = list(enumerate(range(0, n, chunk)))
+    if share:
+        starts = starts[jax.process_index() :: jax.process_count()]
+    devices = jax.local_devices()
+    mesh = Mesh(np.asarray(devices), ("data",))
+    split = len(devices) > 1 and chunk % len(devices) == 0
+    if split or jax.process_count() > 1:
+        # This process's computation on its own devices: the parameters replicated there.
+        params = _replicate_locally(params, mesh)
     out, info = [], None
-    starts = range(0, n, chunk)
-    for i, start in enumerate(progress_bar(starts, len(starts), f"sampling {n}")):
+    for i, start in progress_bar(starts, len(starts), f"sampling {n}"):
+        k = jax.random.fold_in(key, i)
         lab = None if labels is None else labels[start : start + chunk]
         if lab is not None and lab.shape[0] < chunk:  # keep one shape: pad the last chunk
             lab = jnp.concatenate([lab, jnp.zeros((chunk - lab.shape[0],), lab.dtype)])
+        x_init = None
+        if split:
+            # The sampler's own start (stream 0 of the chunk's key), placed split over the
+            # devices: the whole sampler then runs on each device's share of the batch.
+            prior = NoiseSource(k, chunk, False).prior(exp.sde, shape, jnp.float32)
+            x_init = jax.device_put(prior, NamedSharding(mesh, P("data")))
+            lab = None if lab is None else jax.device_put(lab, NamedSharding(mesh, P("data")))
         score_fn = exp.score_fn(params, class_labels=lab, guidance_scale=guidance)
-        x, info = samplers_lib.sample(jax.random.fold_in(key, i), score_fn, exp.sde, (chunk, *exp.input_shape), sampler)
+        x, info = samplers_lib.sample(k, score_fn, exp.sde, shape, sampler, x_init=x_init)
         out.append(np.asarray(jax.device_get(x)))
-    return np.concatenate(out)[:n], info
+    if not out:
+        return np.zeros((0, *exp.input_shape), np.float32), None
+    x_all = np.concatenate(out)
+    return (x_all if share and jax.process_count() > 1 else x_all[:n]), info
+
+
+def _replicate_locally(tree, mesh: Mesh):
+    """``tree``'s arrays replicated over ``mesh`` (this process's devices); arrays that span other
+    processes' devices too contribute the copy this process holds, or, when they are sharded
+    (``mesh.fsdp`` / ``mesh.tensor``), are gathered from every process (a collective)."""
+    from jax.experimental import multihost_utils
+
+    def put(a):
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:
+            if a.sharding.is_fully_replicated:
+                a = np.asarray(a.addressable_data(0))
+            else:
+                a = np.asarray(multihost_utils.process_allgather(a, tiled=True))
+        return jax.device_put(a, NamedSharding(mesh, P()))
+
+    return jax.tree_util.tree_map(put, tree)
+
+
+def gather_chunks(rows: np.ndarray, n: int, chunk: int) -> np.ndarray:
+    """The rows that every process computed for its chunks (``sample_images(..., share=True)``, or
+    anything computed row by row from them), on every process, in chunk order, the first ``n``."""
+    procs = jax.process_count()
+    if procs == 1:
+        return np.asarray(rows)[:n]
+    every = allgather_rows(rows)
+    num_chunks = -(-n // chunk)
+    offsets = np.cumsum([0] + [len(range(p, num_chunks, procs)) * chunk for p in range(procs)])
+    parts = [every[offsets[i % procs] + (i // procs) * chunk :][:chunk] for i in range(num_chunks)]
+    return np.concatenate(parts)[:n]
 
 
 def save_samples(exp: Experiment, x: np.ndarray, path_png: pathlib.Path) -> None:

@@ -18,9 +18,11 @@ from diffusion_jax.builders.sampler import build_sampler
 from diffusion_jax.modes import setup
 from diffusion_jax.training import checkpoint as ckpt_lib
 from diffusion_jax.training import loop as loop_lib
+from diffusion_jax.training import sharding as sharding_lib
+from diffusion_jax.training.ema_snapshots import Snapshotter
 from diffusion_jax.training.logging import MetricWriter
 from diffusion_jax.training.state import init_train_state
-from diffusion_jax.training.step import make_eval_step, make_train_step, replicate, shard_batch
+from diffusion_jax.training.step import make_eval_step, make_train_step, shard_batch
 
 __all__ = ["train"]
 
@@ -28,13 +30,21 @@ __all__ = ["train"]
 def train(config, workdir, *, stop_after: int | None = None) -> loop_lib.RunSummary:
     """Train from ``config`` into ``workdir``, resuming from its newest checkpoint."""
     run = setup.prepare(config, workdir, create=True)
+    if run.config.training.task == "autoencoder":
+        from diffusion_jax.modes.autoencoder import train_autoencoder  # noqa: PLC0415
+
+        return train_autoencoder(run, stop_after=stop_after)
     config, workdir, exp, primary = run.config, run.workdir, run.exp, run.primary
     training = config.training
     per_device = setup.check_batch(
-        "training.batch_size", training.batch_size, grad_accum_steps=training.grad_accum_steps
+        "training.batch_size", training.batch_size, grad_accum_steps=training.grad_accum_steps, mesh=exp.mesh
     )
     if training.eval_freq and training.eval_freq <= training.n_iters:
-        setup.check_batch("eval.batch_size", config.eval.batch_size)
+        setup.check_batch("eval.batch_size", config.eval.batch_size, mesh=exp.mesh)
+
+    # The parameters' layout on config.mesh; one that cannot be built (parameters without
+    # logical axes on a sharded mesh) stops the run here, before any work.
+    layout = exp.layout(jax.eval_shape(exp.init_params, jax.random.PRNGKey(config.seed)))
 
     train_iter = setup.build_data(config, split="train")
     if primary:
@@ -55,7 +65,14 @@ def train(config, workdir, *, stop_after: int | None = None) -> loop_lib.RunSumm
     key = jax.random.PRNGKey(config.seed)
     k_init, k_state, k_eval, k_sample = jax.random.split(key, 4)
     params = exp.init_params(k_init)
-    state = replicate(init_train_state(params, optimizer, k_state), exp.mesh)
+    extra_ema = diffusion_builders.build_ema(config)
+    state = init_train_state(params, optimizer, k_state, ema=extra_ema)
+    # Parameters, Adam moments and EMAs laid out on the mesh of config.mesh (replicated on a
+    # data-only mesh); a checkpoint of another layout is restored into this one.
+    state_sharding = exp.state_shardings(state, layout)
+    state = sharding_lib.place(state, state_sharding)
+    if primary and exp.mesh.devices.size > 1:
+        print(sharding_lib.layout_summary(layout), flush=True)
 
     checkpointer = ckpt_lib.Checkpointer(
         workdir / "checkpoints",
@@ -64,6 +81,9 @@ def train(config, workdir, *, stop_after: int | None = None) -> loop_lib.RunSumm
         async_save=training.async_checkpointing,
     )
     writer = MetricWriter(workdir)
+    snapshots = None
+    if config.model.ema_snapshot_freq:
+        snapshots = Snapshotter(workdir, tuple(config.model.ema_sigma_rels), async_save=training.async_checkpointing)
     try:
         try:
             restored = checkpointer.restore(state, data_iterator=train_iter)
@@ -78,13 +98,13 @@ def train(config, workdir, *, stop_after: int | None = None) -> loop_lib.RunSumm
             writer.truncate(0)
 
         replicated = NamedSharding(exp.mesh, P())
-        state_sharding = jax.tree_util.tree_map(lambda _: replicated, state)
         step_fn = jax.jit(
             make_train_step(
                 loss_fn,
                 optimizer,
                 ema_rate=config.model.ema_rate,
                 ema_warmup=config.model.ema_warmup,
+                extra_ema=extra_ema,
                 grad_accum_steps=training.grad_accum_steps,
                 learning_rate_fn=diffusion_builders.learning_rate_fn(config),
             ),
@@ -117,6 +137,7 @@ def train(config, workdir, *, stop_after: int | None = None) -> loop_lib.RunSumm
             mesh=exp.mesh,
             n_iters=training.n_iters,
             n_jitted_steps=training.n_jitted_steps,
+            background_compile=training.background_compile,
             checkpointer=checkpointer,
             checkpoint_every=math.gcd(training.snapshot_freq_for_preemption, training.snapshot_freq),
             writer=writer,
@@ -129,10 +150,13 @@ def train(config, workdir, *, stop_after: int | None = None) -> loop_lib.RunSumm
             max_consecutive_nan=training.max_consecutive_nan,
             meta=meta,
             stop_after=stop_after,
+            hooks=[(config.model.ema_snapshot_freq, snapshots)] if snapshots is not None else [],
         )
         final = summary.final_step
         if final == training.n_iters and training.snapshot_sampling and training.n_iters % training.snapshot_freq:
             snapshot_fn(state, final)  # always leave a grid of the final model
+        if snapshots is not None and final == training.n_iters:
+            snapshots(state, final)  # post-hoc EMA can reconstruct the final step
         if primary:
             setup.write_atomically(workdir / "summary.json", json.dumps(dataclasses.asdict(summary), indent=2))
             print(
@@ -145,6 +169,8 @@ def train(config, workdir, *, stop_after: int | None = None) -> loop_lib.RunSumm
         return summary
     finally:
         checkpointer.close()
+        if snapshots is not None:
+            snapshots.close()
         writer.close()
         close = getattr(train_iter, "close", None)
         if close:
