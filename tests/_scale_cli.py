@@ -98,6 +98,22 @@ class Background:
         return pathlib.Path(f"{self.log}.err").read_text()
 
 
+def run_script(script: str, data_dir, *, devices: int, timeout: int = 600) -> dict:
+    """Run ``script`` (Python source) in a process with ``devices`` simulated devices and return
+    the JSON it prints on its one line that starts with ``RESULT ``."""
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
+        env=env(data_dir, devices=devices),
+    )
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-5000:]
+    return json.loads(lines[0][len("RESULT ") :])
+
+
 def logged_steps(workdir) -> list[int]:
     path = pathlib.Path(workdir) / "metrics.jsonl"
     if not path.exists():

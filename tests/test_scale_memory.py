@@ -3,12 +3,10 @@ with no example moving between devices), remat (the same gradients, recomputed),
 compute (float32 parameters, optimizer state and loss); and all three through the command line."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from _scale_cli import ROOT, env, load_state, run  # noqa: F401
+from _scale_cli import ROOT, env, load_state, run, run_script  # noqa: F401
 
 # Runs on 2 simulated devices (the flag must be set before JAX starts, hence a subprocess; two
 # are enough to see examples move between devices, and compile faster than 8) and prints one
@@ -95,17 +93,7 @@ print("RESULT " + json.dumps(out))
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-        env=env(tmp_path_factory.mktemp("data"), devices=2),
-    )
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    return json.loads(lines[0][len("RESULT ") :])
+    return run_script(SCRIPT, tmp_path_factory.mktemp("data"), devices=2, timeout=600)
 
 
 @pytest.mark.slow

@@ -2,13 +2,9 @@
 per device, train like one device, report parameters that declare no axes, and resume across
 layouts and device counts (orbax restores into the target layout)."""
 
-import json
-import subprocess
-import sys
-
 import numpy as np
 import pytest
-from _scale_cli import ROOT, assert_trees_equal, env, history, load_state, run
+from _scale_cli import ROOT, assert_trees_equal, history, load_state, run, run_script
 
 from diffusion_jax.builders.config import ConfigError, load_config, validate_config
 
@@ -194,17 +190,7 @@ print("RESULT " + json.dumps(out))
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=900,
-        env=env(tmp_path_factory.mktemp("data"), devices=8),
-    )
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-5000:]
-    return json.loads(lines[0][len("RESULT ") :])
+    return run_script(SCRIPT, tmp_path_factory.mktemp("data"), devices=8, timeout=900)
 
 
 @pytest.mark.slow
