@@ -22,7 +22,6 @@ from jax.sharding import PartitionSpec as P
 
 from diffusion_jax.builders import autoencoder as ae_builders
 from diffusion_jax.builders import diffusion as diffusion_builders
-from diffusion_jax.builders.config import ConfigError
 from diffusion_jax.modes import setup
 from diffusion_jax.training import checkpoint as ckpt_lib
 from diffusion_jax.training import loop as loop_lib
@@ -70,16 +69,7 @@ def train_autoencoder(run: setup.Run, *, stop_after: int | None = None) -> loop_
     )
     writer = MetricWriter(workdir)
     try:
-        try:
-            restored = checkpointer.restore(state, data_iterator=train_iter)
-            state = restored.state
-            writer.truncate(restored.step)
-            if primary:
-                print(f"resumed from checkpoint at step {restored.step}", flush=True)
-        except ckpt_lib.NoCheckpointError as e:
-            if checkpointer.steps():
-                raise ConfigError(f"{e}\nMove the unreadable checkpoints away to start afresh.") from None
-            writer.truncate(0)
+        state = setup.resume(checkpointer, state, train_iter, writer, primary=primary)
         replicated = NamedSharding(mesh, P())
         step_fn = jax.jit(
             _with_steps(

@@ -45,6 +45,7 @@ __all__ = [
     "restore_state",
     "checkpoint_steps",
     "sample_images",
+    "resume",
     "gather_chunks",
     "class_labels",
     "save_samples",
@@ -287,6 +288,25 @@ def restore_state(config, exp: Experiment, workdir: pathlib.Path, step: int | No
     finally:
         checkpointer.close()
     return restored.step, restored.state
+
+
+def resume(checkpointer: ckpt_lib.Checkpointer, state, train_iter, writer, *, primary: bool):
+    """The state (and the data position) of the newest readable checkpoint, or ``state`` when
+    there is none; the metric logs are cut back to that step. Checkpoints that exist but none of
+    which can be read are a ConfigError, so a run never starts afresh over them."""
+    try:
+        restored = checkpointer.restore(state, data_iterator=train_iter)
+    except ckpt_lib.NoCheckpointError as e:
+        if checkpointer.steps():  # checkpoints exist but none could be read
+            raise ConfigError(f"{e}\nMove the unreadable checkpoints away to start afresh.") from None
+        writer.truncate(0)
+        return state
+    writer.truncate(restored.step)
+    if primary:
+        errors = restored.errors
+        skipped = f" (skipped {len(errors)} unreadable newer checkpoint(s), see the warnings)" if errors else ""
+        print(f"resumed from checkpoint at step {restored.step}{skipped}", flush=True)
+    return restored.state
 
 
 def class_labels(exp: Experiment, n: int):

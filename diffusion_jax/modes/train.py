@@ -85,17 +85,7 @@ def train(config, workdir, *, stop_after: int | None = None) -> loop_lib.RunSumm
     if config.model.ema_snapshot_freq:
         snapshots = Snapshotter(workdir, tuple(config.model.ema_sigma_rels), async_save=training.async_checkpointing)
     try:
-        try:
-            restored = checkpointer.restore(state, data_iterator=train_iter)
-            step, state, errors = restored.step, restored.state, restored.errors
-            writer.truncate(step)
-            if primary:
-                skipped = f" (skipped {len(errors)} unreadable newer checkpoint(s), see the warnings)" if errors else ""
-                print(f"resumed from checkpoint at step {step}{skipped}", flush=True)
-        except ckpt_lib.NoCheckpointError as e:
-            if checkpointer.steps():  # checkpoints exist but none could be read
-                raise ConfigError(f"{e}\nMove the unreadable checkpoints away to start afresh.") from None
-            writer.truncate(0)
+        state = setup.resume(checkpointer, state, train_iter, writer, primary=primary)
 
         replicated = NamedSharding(exp.mesh, P())
         step_fn = jax.jit(
