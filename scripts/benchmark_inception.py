@@ -2,6 +2,7 @@
 
     pip install torch==2.13.0 pytorch-fid   # for this script only
     python scripts/benchmark_inception.py --batch-sizes 50 200 --repeats 2 --fid-samples 10000
+    python scripts/benchmark_inception.py --cpu-devices 2 ...   # ours on two CPU devices
 
 Both networks get the same random weights (the parity fixture's recipe,
 tests/fixtures/fid_inception, so no weights file is needed; speed does not depend on the values)
@@ -14,6 +15,11 @@ pytorch-fid's outputs on the first batch are compared with ours as a live parity
 The end-to-end FID time covers ``--fid-samples`` images -> features -> streaming float64
 statistics -> Frechet distance against precomputed reference statistics (computed beforehand
 from other images, not timed). ``--skip-torch`` runs only ours.
+
+XLA:CPU runs the network's convolutions on about one core, so on a CPU host ours splits each
+batch over ``--cpu-devices`` CPU devices (JAX's ``jax_num_cpu_devices``, the same as
+``XLA_FLAGS=--xla_force_host_platform_device_count=N``), one per core; pytorch-fid's network
+uses torch's threads (``--torch-threads``, default: torch's choice).
 """
 
 from __future__ import annotations
@@ -94,13 +100,15 @@ def main() -> None:
     parser.add_argument("--reference-samples", type=int, default=1000)
     parser.add_argument("--torch-threads", type=int, default=0, help="0: torch's default")
     parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--cpu-devices", type=int, default=1, help="CPU devices for ours (one per core)")
     args = parser.parse_args()
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
 
     state = random_weights()
     detector = ev.get_detector("inception", variables=inception.convert_state_dict(state))
     mesh = ev.make_mesh()
     print(f"devices: {jax.devices()}; cpu: {platform.processor() or platform.machine()}", flush=True)
-    results: dict[str, object] = {"devices": [str(d) for d in jax.devices()]}
+    results: dict[str, object] = {"devices": [str(d) for d in jax.devices()], "argv": sys.argv[1:]}
 
     def ours(batch):
         return ev.extract_features(detector, batch, batch_size=len(batch), mesh=mesh).features

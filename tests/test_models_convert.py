@@ -186,6 +186,17 @@ def test_torch_pth_round_trip(tmp_path):
     assert np.max(np.abs(np.asarray(out) - ref)) / np.max(np.abs(ref)) < 1e-5
 
 
+def test_bfloat16_tensors_keep_their_bits(tmp_path):
+    torch = pytest.importorskip("torch")
+    values = torch.tensor([1.0, -2.5, 3.140625, 1e-3, 65280.0], dtype=torch.bfloat16)
+    path = tmp_path / "bf16.pth"
+    torch.save({"w": values, "nested": [values.float()]}, path)
+    loaded = load_torch_checkpoint(str(path))
+    assert loaded["w"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(loaded["w"].view(np.int16), values.view(torch.int16).numpy())
+    np.testing.assert_array_equal(loaded["w"].astype(np.float32), loaded["nested"][0])
+
+
 @pytest.mark.parametrize(
     "name,config_file",
     [

@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
@@ -99,9 +100,16 @@ class TensorMapping:
 
 
 def _to_numpy(obj: Any) -> Any:
-    """Recursively converts torch tensors (anything with ``.detach().cpu().numpy()``) to numpy."""
+    """Recursively converts torch tensors (anything with ``.detach().cpu().numpy()``) to numpy;
+    bfloat16 tensors, which numpy cannot take from torch, become ``ml_dtypes.bfloat16`` arrays
+    with the same bits."""
     if hasattr(obj, "detach") and hasattr(obj, "numpy"):
-        return obj.detach().cpu().numpy()
+        tensor = obj.detach().cpu()
+        if str(tensor.dtype) == "torch.bfloat16":
+            import torch  # noqa: PLC0415 (only torch tensors get here)
+
+            return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return tensor.numpy()
     if isinstance(obj, Mapping):
         return {k: _to_numpy(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
