@@ -52,12 +52,18 @@ def test_global_batch_must_divide_over_devices(scale_data_dir, tmp_path):
     ) in proc.stderr
 
 
-def _launch(work, n_iters, *, data_dir, port, logs):
+# Power-function EMAs snapshotted every 4 steps, for the post-hoc reconstruction after the run.
+SNAPSHOTS = ("--config.model.ema_sigma_rels=0.05,0.1", "--config.model.ema_snapshot_freq=4")
+
+
+def _launch(work, n_iters, *extra, data_dir, port, logs):
     return [
         Background(
             "train",
             work,
             f"--config.training.n_iters={n_iters}",
+            *SNAPSHOTS,
+            *extra,
             f"--config.distributed.coordinator_address=127.0.0.1:{port}",
             "--config.distributed.num_processes=2",
             f"--config.distributed.process_id={i}",
@@ -80,7 +86,12 @@ def test_two_processes_preempt_resume_and_match_one(scale_data_dir, tmp_path):
     process 1; JAX's preemption service tells process 0, both save one checkpoint collectively
     at the same step and exit 143. The rerun resumes there and finishes. Each process read only
     its own shard (indices = process index mod 2), only process 0 wrote logs, and the run equals
-    one process that reads the concatenation of the two shards' batches."""
+    one process that reads the concatenation of the two shards' batches.
+
+    The rerun resumes on another layout across the two hosts (fsdp=4: every parameter, Adam
+    moment and EMA split over the four devices of both processes), and the final checkpoint and
+    the EMA snapshots, written by both processes, are restored on one process with one device:
+    the parameters and a post-hoc EMA reconstructed there equal the single-process run's."""
     # The notice reaches the loop a few steps after the signal (JAX's notifier polls; then the
     # processes agree on a step): leave room to stop well before the end.
     work, n = tmp_path / "run", 16
@@ -100,9 +111,10 @@ def test_two_processes_preempt_resume_and_match_one(scale_data_dir, tmp_path):
         "shard=1/2",
     ]
 
-    procs = _launch(work, n, data_dir=scale_data_dir, port=free_port(), logs=logs)
+    procs = _launch(work, n, "--config.mesh.fsdp=4", data_dir=scale_data_dir, port=free_port(), logs=logs)
     codes = [p.wait() for p in procs]
     assert codes == [0, 0], [p.stderr[-2000:] for p in procs]
+    assert "mesh data=1 fsdp=4 tensor=1" in procs[0].stdout
     assert f"resumed from checkpoint at step {stop}" in procs[0].stdout
     assert f"trained steps {stop}->{n}" in procs[0].stdout
     assert "global batch 16 = 2 host(s) x 2 device(s) x 4 example(s)" in procs[0].stdout
@@ -120,7 +132,14 @@ def test_two_processes_preempt_resume_and_match_one(scale_data_dir, tmp_path):
 
     # One process, one device, fed the concatenated shard batches: the same run.
     ref = tmp_path / "single"
-    run("train", ref, f"--config.training.n_iters={n}", data_dir=scale_data_dir, driver=("--concat-shards", "2"))
+    run(
+        "train",
+        ref,
+        f"--config.training.n_iters={n}",
+        *SNAPSHOTS,
+        data_dir=scale_data_dir,
+        driver=("--concat-shards", "2"),
+    )
     _assert_histories_close(history(work), history(ref), rtol=1e-5)
     assert_trees_equal(
         load_state(work / "checkpoints" / str(n))["params"],
@@ -128,6 +147,12 @@ def test_two_processes_preempt_resume_and_match_one(scale_data_dir, tmp_path):
         rtol=1e-4,
         atol=1e-5,
     )
+    # The snapshots of both processes, combined on one: the same post-hoc EMA as the reference's.
+    rebuilt = []
+    for w in (work, ref):
+        run("posthoc_ema", w, "--sigma_rel=0.07", f"--config.training.n_iters={n}", *SNAPSHOTS, data_dir=scale_data_dir)
+        rebuilt.append(load_state(w / "posthoc_ema" / "sigma_rel_0.07" / str(n)))
+    assert_trees_equal(rebuilt[0], rebuilt[1], rtol=1e-4, atol=1e-5, what="post-hoc EMA")
 
 
 def test_global_batch_must_divide_over_hosts(scale_data_dir, tmp_path):

@@ -83,7 +83,14 @@ def train(config, workdir, *, stop_after: int | None = None) -> loop_lib.RunSumm
     writer = MetricWriter(workdir)
     snapshots = None
     if config.model.ema_snapshot_freq:
-        snapshots = Snapshotter(workdir, tuple(config.model.ema_sigma_rels), async_save=training.async_checkpointing)
+        # Several processes: synchronous snapshots after the checkpoint in flight (Snapshotter).
+        multihost = jax.process_count() > 1
+        snapshots = Snapshotter(
+            workdir,
+            tuple(config.model.ema_sigma_rels),
+            async_save=training.async_checkpointing and not multihost,
+            before_save=checkpointer.wait if multihost else None,
+        )
     try:
         state = setup.resume(checkpointer, state, train_iter, writer, primary=primary)
 

@@ -13,6 +13,7 @@ writes are atomic and asynchronous and their failures surface like a checkpoint'
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -40,10 +41,22 @@ POSTHOC_DIR = "posthoc_ema"
 class Snapshotter:
     """``snapshotter(state, step)`` saves ``state.emas.power`` as snapshot ``step`` (once: a step
     already saved, e.g. redone after a resume from an older checkpoint, is left as it is; the
-    resumed run computes the same values). Close it to wait for the last write."""
+    resumed run computes the same values). Close it to wait for the last write.
 
-    def __init__(self, workdir: str | pathlib.Path, sigma_rels: tuple[float, ...], *, async_save: bool = True):
+    ``before_save`` runs before each save. Across several processes, orbax cannot have two
+    asynchronous saves in flight at once (they share one barrier name), so the training command
+    saves snapshots synchronously there, after waiting for the training checkpoint in flight."""
+
+    def __init__(
+        self,
+        workdir: str | pathlib.Path,
+        sigma_rels: tuple[float, ...],
+        *,
+        async_save: bool = True,
+        before_save: Callable[[], None] | None = None,
+    ):
         self.sigma_rels = tuple(float(s) for s in sigma_rels)
+        self.before_save = before_save
         self.checkpointer = Checkpointer(
             pathlib.Path(workdir) / SNAPSHOT_DIR, keep_period=1, max_to_keep=1, async_save=async_save
         )
@@ -54,6 +67,8 @@ class Snapshotter:
         if step in self._saved or step <= 0:
             return
         meta = {"sigma_rels": list(self.sigma_rels), "gammas": [sigma_rel_to_gamma(s) for s in self.sigma_rels]}
+        if self.before_save is not None:
+            self.before_save()
         self.checkpointer.save(step, tuple(state.emas.power), meta=meta)
         self._saved.add(step)
 
