@@ -156,6 +156,18 @@ def test_points_names_and_dry_run(tmp_path, capsys):
     assert not (tmp_path / "w").exists()  # a dry run touches nothing
 
 
+def test_committed_ablation_resolves():
+    """experiments/digits_ablation's 12 points (3 SDEs x 2 outputs x 2 seeds) pass the schema and
+    build, and each SDE/output pair sets its own recipe."""
+    plan = spec.resolve(ROOT / "experiments" / "digits_ablation" / "sweep.py")
+    assert len(plan.points) == 12
+    by_name = {p.name: p.overrides for p in plan.points}
+    assert by_name["sde-vp__output-native__seed-0"]["training.weighting"] == "sigma2"
+    assert by_name["sde-edm__output-native__seed-1"]["model.output"] == "score"
+    assert by_name["sde-ve__output-edm__seed-0"]["model.output"] == "edm"
+    assert {p.overrides["model.ema_warmup"] for p in plan.points} == {True}
+
+
 def _bad_sweeps(tmp_path):
     def f(name, body):
         p = tmp_path / name / "sweep.py"
@@ -271,6 +283,18 @@ def test_report_from_recorded_results(tmp_path, capsys):
     status, out, _ = cli_run(["--sweep", path, "--workdir", work, "--status"], capsys)
     assert status == 0 and "6 points: 5 done, 0 running, 0 failed, 1 pending" in out
     assert "  pending  lr-0.002__seed-2" in out
+
+
+def test_plots_use_log_axes_for_values_over_decades():
+    """NFE 4..50 spans a decade (log x); FID from 1.5 to 1,458 spans three (log y); FID 5 to 9 or
+    a level of 0 stays linear."""
+    from diffusion_jax.sweeps.report import spans_decades
+
+    assert spans_decades([4, 8, 12, 24, 50], 1)
+    assert spans_decades([1.5, 20.0, 1458.0], 2)
+    assert not spans_decades([5.0, 7.0, 9.0], 2)
+    assert not spans_decades([0.0, 8.0, 12.0], 1)
+    assert not spans_decades([1.0, 1000.0], 2)  # two points: linear
 
 
 def _event_tags(directory) -> set:

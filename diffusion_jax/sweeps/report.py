@@ -136,6 +136,12 @@ def _numeric(labels: Sequence[str]) -> list[float] | None:
         return None
 
 
+def spans_decades(values: Sequence[float], decades: int) -> bool:
+    """Whether positive ``values`` (at least three) span ``decades`` powers of ten: then a plot
+    draws them on a log axis."""
+    return len(values) > 2 and min(values) > 0 and max(values) / min(values) >= 10**decades
+
+
 def plot_metric(plan: Plan, gs: list[Group], metric: str, factor: str, path: pathlib.Path) -> None:
     """``metric`` (mean, error bars one std over seeds) against the levels of ``factor``, one
     line per combination of the other factors' levels."""
@@ -167,8 +173,10 @@ def plot_metric(plan: Plan, gs: list[Group], metric: str, factor: str, path: pat
         )
     if xs_num is None:
         ax.set_xticks(xs, order)
-    elif len(xs) > 2 and min(xs) > 0 and max(xs) / min(xs) >= 10:
+    elif spans_decades(xs, 1):
         ax.set_xscale("log")
+    if spans_decades([m for pts in lines.values() for m, _ in pts.values()], 2):
+        ax.set_yscale("log")  # e.g. FID from a failing sampler beside good ones
     ax.set_xlabel(factor)
     ax.set_ylabel(metric)
     ax.set_title(f"{plan.name}: {metric} against {factor} (mean ± std over seeds)", fontsize=9)
