@@ -13,19 +13,25 @@ import time
 import numpy as np
 import pytest
 
+from diffusion_jax import cli
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "digits" / "ddpmpp_vp.py"
 DRIVER = ROOT / "tests" / "_scale_driver.py"
 
 # One resolution level, one residual block, no attention: the smallest network the config
-# builds, so a step takes a fraction of a second on one CPU core. Checkpoints every 2 steps,
-# kept for good every 4; one metrics line per step.
-TINY = [
-    f"--config={CONFIG}",
+# builds, so a step takes a fraction of a second on one CPU core.
+TINY_NET = [
     "--config.model.nf=8",
     "--config.model.ch_mult=(1,)",
     "--config.model.num_res_blocks=1",
     "--config.model.attn_resolutions=()",
+]
+# The tiny network on the main job's config. Checkpoints every 2 steps, kept for good every 4;
+# one metrics line per step.
+TINY = [
+    f"--config={CONFIG}",
+    *TINY_NET,
     "--config.training.batch_size=16",
     "--config.training.n_jitted_steps=1",
     "--config.training.log_freq=1",
@@ -36,6 +42,11 @@ TINY = [
     "--config.optim.warmup=0",
 ]
 REFERENCE_STEPS = 20
+
+
+def cli_in_process(*argv) -> int:
+    """``diffusion-jax ARGV`` in this process, without the compilation cache; its exit status."""
+    return cli.run([*map(str, argv), "--no_compilation_cache"])
 
 
 def env(data_dir, *, devices: int = 1, **extra) -> dict:

@@ -14,18 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _scale_cli import TINY_NET, cli_in_process
 
-from diffusion_jax import cli
 from diffusion_jax import conditioning as C
 from diffusion_jax.evaluation.digits import load_digits_split
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 TINY = [
-    "--config.model.nf=8",
-    "--config.model.ch_mult=(1,)",
-    "--config.model.num_res_blocks=1",
-    "--config.model.attn_resolutions=()",
+    *TINY_NET,
     "--config.training.batch_size=16",
     "--config.training.n_iters=2",
     "--config.training.n_jitted_steps=1",
@@ -39,10 +36,6 @@ TINY = [
 ]
 
 
-def _cli(*argv):
-    return cli.run([*argv, "--no_compilation_cache"])
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """``(score workdir, classifier workdir, inputs .npz)``: a class-conditional EDM network
@@ -51,8 +44,8 @@ def runs(tmp_path_factory):
     data = f"--config.data.data_dir={root / 'data'}"
     score, clf = root / "score", root / "classifier"
     config = ROOT / "configs" / "digits"
-    assert _cli("train", f"--config={config / 'edm_cond.py'}", f"--workdir={score}", data, *TINY) == 0
-    assert _cli("train", f"--config={config / 'classifier.py'}", f"--workdir={clf}", data, *TINY) == 0
+    assert cli_in_process("train", f"--config={config / 'edm_cond.py'}", f"--workdir={score}", data, *TINY) == 0
+    assert cli_in_process("train", f"--config={config / 'classifier.py'}", f"--workdir={clf}", data, *TINY) == 0
     images, labels = load_digits_split("test")
     inputs = root / "inputs.npz"
     np.savez(inputs, images=images[:4], labels=labels[:4])
@@ -63,7 +56,7 @@ def _task(runs, tmp_path, name, *flags):
     score, _, inputs = runs
     out = tmp_path / name
     argv = ["sample", f"--workdir={score}", f"--out={out}", *flags]
-    assert _cli(*argv) == 0
+    assert cli_in_process(*argv) == 0
     return np.load(out.with_suffix(".npz")), out
 
 
@@ -174,7 +167,7 @@ def test_bad_inputs_exit_2_with_one_message(runs, tmp_path, capsys):
     score = runs[0]
     for flags, message in _bad_inputs(tmp_path, runs):
         capsys.readouterr()
-        status = _cli("sample", f"--workdir={score}", f"--out={tmp_path / 'x'}", *flags)
+        status = cli_in_process("sample", f"--workdir={score}", f"--out={tmp_path / 'x'}", *flags)
         err = capsys.readouterr().err
         assert status == 2, (flags, err)
         assert message in err, (flags, err)

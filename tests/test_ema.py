@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _scale_cli import TINY_NET, cli_in_process
 from scipy import integrate
 
-from diffusion_jax import cli
 from diffusion_jax.training import ema as E
 from diffusion_jax.training import ema_snapshots as S
 from diffusion_jax.training.state import init_train_state
@@ -216,10 +216,7 @@ def test_config_keys_are_typed_and_checked():
 # -- the command line ----------------------------------------------------------------------------
 
 TINY = [
-    "--config.model.nf=8",
-    "--config.model.ch_mult=(1,)",
-    "--config.model.num_res_blocks=1",
-    "--config.model.attn_resolutions=()",
+    *TINY_NET,
     "--config.training.batch_size=16",
     "--config.training.n_iters=8",
     "--config.training.n_jitted_steps=1",
@@ -239,10 +236,6 @@ TINY = [
 ]
 
 
-def _cli(*argv):
-    return cli.run([*argv, "--no_compilation_cache"])
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("ema_cli")
@@ -250,9 +243,9 @@ def workdir(tmp_path_factory):
     argv = ["train", f"--config={ROOT / 'configs' / 'digits' / 'edm.py'}", f"--workdir={wd}", *TINY]
     argv.append(f"--config.data.data_dir={root / 'data'}")
     # Stopped after 3 steps and resumed: the extra EMAs go through a checkpoint.
-    assert _cli(*argv, "--stop_after=3") == 0
+    assert cli_in_process(*argv, "--stop_after=3") == 0
     assert S.snapshot_steps(wd) == [2]
-    assert _cli(*argv) == 0
+    assert cli_in_process(*argv) == 0
     return wd
 
 
@@ -260,7 +253,7 @@ def test_training_saves_snapshots_and_posthoc_mode_writes_what_load_and_sample_u
     import diffusion_jax
 
     assert S.snapshot_steps(workdir) == [2, 4, 6, 8]
-    assert _cli("posthoc_ema", f"--workdir={workdir}", "--sigma_rel=0.07,0.2") == 0
+    assert cli_in_process("posthoc_ema", f"--workdir={workdir}", "--sigma_rel=0.07,0.2") == 0
     out = capsys.readouterr().out
     assert "post-hoc EMA at step 8 from 4 snapshots x 2 profiles" in out
     report = json.loads((workdir / "posthoc_ema" / "report_00000008.json").read_text())
@@ -289,7 +282,8 @@ def test_training_saves_snapshots_and_posthoc_mode_writes_what_load_and_sample_u
     # The tracked 0.1 profile at step 8 is the last snapshot's.
     np.testing.assert_array_equal(leaf(tracked), leaf(S.read_snapshot(workdir, 8, template)[0][1]))
 
-    assert _cli("sample", f"--workdir={workdir}", "--num_samples=4", "--config.sampling.ema=sigma_rel:0.07") == 0
+    argv = ["sample", f"--workdir={workdir}", "--num_samples=4", "--config.sampling.ema=sigma_rel:0.07"]
+    assert cli_in_process(*argv) == 0
     assert (workdir / "samples" / "samples_00000008_heun_sigma_rel_0p07.npz").exists()
 
 
@@ -306,7 +300,7 @@ def test_training_saves_snapshots_and_posthoc_mode_writes_what_load_and_sample_u
     ],
 )
 def test_bad_inputs_exit_2_with_one_message(workdir, capsys, argv, message):
-    assert _cli(argv[0], f"--workdir={workdir}", *argv[1:]) == 2
+    assert cli_in_process(argv[0], f"--workdir={workdir}", *argv[1:]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) <= 3
 
@@ -314,6 +308,6 @@ def test_bad_inputs_exit_2_with_one_message(workdir, capsys, argv, message):
 def test_posthoc_without_snapshots_exits_2(workdir, tmp_path, capsys):
     copy = tmp_path / "no_snapshots"
     shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("ema_snapshots", "posthoc_ema"))
-    assert _cli("posthoc_ema", f"--workdir={copy}", "--sigma_rel=0.07") == 2
+    assert cli_in_process("posthoc_ema", f"--workdir={copy}", "--sigma_rel=0.07") == 2
     err = capsys.readouterr().err
     assert "no EMA snapshots" in err and "Traceback" not in err

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -157,31 +157,16 @@ def evaluate_samples(
     reference: stats_lib.ReferenceStatistics,
     *,
     key: jax.Array,
-    real_features: np.ndarray | None = None,
-    counts: Sequence[int] = (1000, 5000, 10000, 50000),
-    num_splits: int = 10,
-    kid_subsets: int = 100,
-    kid_subset_size: int = 1000,
-    pr_k: int = 3,
     batch_size: int = 200,
     mesh: Mesh | None = None,
+    **options: Any,
 ) -> SampleMetrics:
     """Every metric of ``samples`` (images in [0, 1]) against ``reference`` (refused if made with
-    another detector or preprocessing). KID and precision/recall need the real data's features
-    ``real_features`` (N, D); ``key`` draws KID's subsets."""
+    another detector or preprocessing). ``options`` are those of :func:`metrics_of_outputs`
+    (``real_features``, ``counts``, ...); ``key`` draws KID's subsets."""
     check_reference(detector, reference)
     out = extract_features(detector, samples, batch_size=batch_size, mesh=mesh)
-    return metrics_of_outputs(
-        out,
-        reference,
-        key=key,
-        real_features=real_features,
-        counts=counts,
-        num_splits=num_splits,
-        kid_subsets=kid_subsets,
-        kid_subset_size=kid_subset_size,
-        pr_k=pr_k,
-    )
+    return metrics_of_outputs(out, reference, key=key, **options)
 
 
 def check_reference(detector: Detector, reference: stats_lib.ReferenceStatistics) -> None:
@@ -205,8 +190,11 @@ def metrics_of_outputs(
     kid_subset_size: int = 1000,
     pr_k: int = 3,
 ) -> SampleMetrics:
-    """The metrics of :func:`evaluate_samples` from the samples' detector outputs, e.g. the
-    outputs that several processes extracted from their shares, gathered in sample order."""
+    """The metrics of samples from their detector outputs (e.g. the outputs that several
+    processes extracted from their shares, gathered in sample order): FID, FID at each of
+    ``counts`` that is at most the sample count, the Inception score over ``num_splits``, and,
+    given the real data's features ``real_features`` (N, D), KID (``kid_subsets`` subsets of
+    ``kid_subset_size``, drawn with ``key``) and precision/recall with ``pr_k`` neighbours."""
     fid = metrics_lib.fid_from_features(out.features, reference.stats)
     usable = [n for n in counts if n <= len(out.features)]
     at_counts = metrics_lib.fid_at_counts(out.features, reference.stats, usable) if usable else {}

@@ -3,7 +3,7 @@ digits, and class guidance. See the README next to this file for the commands an
 
     python experiments/digits_conditioning/run.py inverse --workdir runs/digits --out OUT
         [--tasks bottom_half,random50,outpaint,sr4x4,deblur] [--methods ddrm,pigdm,...]
-        [--num_images 297] [--num_steps 20]
+        [--num_images 297] [--sigma_y 0]
     python experiments/digits_conditioning/run.py guidance --workdir runs/digits_cond --out OUT
         [--scales 0,1,2,3,5] [--negative_scales 1,2,3,5] [--per_class 10]
     python experiments/digits_conditioning/run.py inputs --out OUT --num_images 10
@@ -11,7 +11,8 @@ digits, and class guidance. See the README next to this file for the commands an
         --classifier_workdir runs/digits_classifier --out OUT [--scales 0,1,2,4] [--per_class 10]
 
 ``inverse``: each held-out test digit (the 297 digits of the ``test`` split, which no network
-saw) is measured noise-free (sigma_y = 0) by each task's operator and completed by each method
+saw) is measured by each task's operator, noise-free or with Gaussian noise of standard deviation
+``--sigma_y`` (in model units, where the data span [-1, 1]), and completed by each method
 (diffusion_jax.modes.tasks.TaskRunner, what ``diffusion-jax sample --task`` runs). Reported per
 task and method: the largest change of a known pixel (masks; 0 means the measurement is kept
 exactly), the measurement residual RMS ||A x - y|| / sqrt(m) in model units, and the accuracy of
@@ -26,7 +27,9 @@ digit; and with each digit as a negative label (the positive label null), the fr
 samples that avoid it. ``classifier_guidance``: the same fraction with a trained noise-conditional
 classifier (configs/digits/classifier.py) guiding the unconditional main job at scale w.
 
-Results: ``OUT/<part>.json``, ``OUT/<part>.md`` (the tables) and PNG grids in ``OUT``.
+Results: ``OUT/<part>.json``, ``OUT/<part>.md`` (the tables) and PNG grids in ``OUT``; with
+``--sigma_y`` > 0 the inverse results are ``OUT/inverse_sigma<sigma_y>*``, and ``--name`` gives
+them another stem.
 """
 
 from __future__ import annotations
@@ -63,9 +66,10 @@ METHODS = {
     "pc_projection": dict(num_steps=20),
     "dps": dict(num_steps=50),
     "daps": dict(num_steps=10, options=dict(ode_steps=2, langevin_steps=20)),
+    # TDS weights its particles by p(y | x), so it needs sigma_y > 0; 4 particles per digit.
+    "tds": dict(num_steps=20, options=dict(num_particles=4)),
 }
-# TDS (C.METHODS["tds"]) needs sigma_y > 0 (its final weight is the likelihood of y), so it is
-# not among these noise-free tasks.
+NOISY_ONLY = ("tds",)
 
 
 def classify(detector, images: np.ndarray) -> np.ndarray:
@@ -90,12 +94,14 @@ def inverse(args) -> None:
     methods = args.methods.split(",")
     rows, record = [], {"workdir": str(args.workdir), "step": model.step, "num_images": len(images)}
     record["accuracy_true_digits"] = ceiling
+    record["sigma_y"] = args.sigma_y
+    stem = args.name or ("inverse" if args.sigma_y == 0 else f"inverse_sigma{args.sigma_y:g}")
     for name in tasks:
         spec = dict(TASKS[name])
         grid = [images]
         for method in methods:
             m = METHODS[method]
-            task = Task(method=method, num_steps=m["num_steps"], options=m.get("options"), sigma_y=0.0, **spec)
+            task = Task(method=method, num_steps=m["num_steps"], options=m.get("options"), sigma_y=args.sigma_y, **spec)
             key = jax.random.PRNGKey(args.seed)
             t0 = time.perf_counter()
             res = runner.run(task, key, inputs=images)
@@ -122,11 +128,12 @@ def inverse(args) -> None:
             )
             rows.append(row)
             print(json.dumps(row), flush=True)
-        _grid_png(out / f"inverse_{name}.png", grid)
+        _grid_png(out / f"{stem}_{name}.png", grid)
     record["rows"] = rows
-    (out / "inverse.json").write_text(json.dumps(record, indent=2))
+    (out / f"{stem}.json").write_text(json.dumps(record, indent=2))
     lines = [
-        f"Held-out test digits: {len(images)}; digits classifier on the true digits: {ceiling:.3f}.",
+        f"Held-out test digits: {len(images)}; sigma_y = {args.sigma_y:g}; digits classifier on the true "
+        f"digits: {ceiling:.3f}.",
         "",
         "| task | method | NFE | known pixels max abs change | residual RMS | accuracy | accuracy of the "
         "measurement alone | seconds |",
@@ -138,7 +145,7 @@ def inverse(args) -> None:
             f"| {r['task']} | {r['method']} | {r['nfe']} | {known} | {r['residual_rms']:.1e} | "
             f"{r['accuracy']:.3f} | {r['accuracy_measurement']:.3f} | {r['seconds']} |"
         )
-    (out / "inverse.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -248,8 +255,10 @@ def main(argv=None) -> int:
     parser.add_argument("--classifier_workdir")
     parser.add_argument("--out", required=True)
     parser.add_argument("--tasks", default=",".join(TASKS))
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(m for m in METHODS if m not in NOISY_ONLY))
     parser.add_argument("--num_images", type=int, default=297)
+    parser.add_argument("--sigma_y", type=float, default=0.0)
+    parser.add_argument("--name", help="stem of the inverse part's result files (default: inverse[_sigma<s>])")
     parser.add_argument("--scales", default="0,1,2,3,5")
     # With the null label as the positive one, w = 1 is the unconditional model and w = 0 would
     # sample the negative digit itself: the negative sweep starts at 1.
@@ -264,6 +273,11 @@ def main(argv=None) -> int:
         parser.error(
             f"unknown task(s) or method(s) {unknown}; tasks: {', '.join(TASKS)}; methods: {', '.join(METHODS)}"
         )
+    if args.sigma_y < 0:
+        parser.error(f"--sigma_y must be >= 0, got {args.sigma_y}")
+    noisy_only = [m for m in args.methods.split(",") if m in NOISY_ONLY]
+    if args.part == "inverse" and args.sigma_y == 0 and noisy_only:
+        parser.error(f"{', '.join(noisy_only)} needs a noisy measurement: pass --sigma_y > 0")
     if args.part != "inputs" and not args.workdir:
         parser.error(f"{args.part} needs --workdir")
     if args.part == "classifier_guidance" and not args.classifier_workdir:
