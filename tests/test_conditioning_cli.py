@@ -146,6 +146,7 @@ def _bad_inputs(tmp_path, runs):
         ([given, "--task=super_resolve", "--factor=3"], "does not divide"),
         ([given, "--task=deblur", "--blur=box:3"], "gaussian:STD or uniform:SIZE"),
         ([given, "--task=denoise"], "needs --sigma_y > 0"),
+        ([given, "--task=inpaint", "--mask=top_half", "--method=daps"], "needs a noisy measurement: sigma_y > 0"),
         ([given, "--task=paint"], "unknown task 'paint'"),
         ([given, "--task=inpaint", "--mask=top_half", "--method=magic"], "unknown method 'magic'"),
         ([given, "--task=inpaint", "--mask=top_half", "--option=bogus=1"], "unknown option(s) ['bogus']"),

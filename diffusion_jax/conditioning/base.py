@@ -107,6 +107,14 @@ def require_svd(operator: Operator, method: str) -> SVDOperator:
     return operator
 
 
+def require_noisy(operator: Operator | None, method: str, why: str) -> None:
+    """Refuses a noise-free measurement (a concrete ``sigma_y <= 0``) for a method that divides
+    by ``sigma_y``; a traced ``sigma_y`` passes."""
+    sy = operator.sigma_y if operator is not None else None
+    if isinstance(sy, (int, float)) and float(sy) <= 0:
+        raise ValueError(f"{method} {why}, which needs a noisy measurement: sigma_y > 0")
+
+
 def project(operator: SVDOperator, y: Array, x: Array, alpha, sigma, z: Array, level=None) -> Array:
     """Replace the observed spectral coordinates of ``x`` by the measurement noised to the level
     of ``x``: ``V^T x -> alpha ybar + sqrt(sigma^2 - (alpha sigma_y / s)^2) z`` (``ybar = S^+ U^T y``

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax import parametrization as param_lib
-from diffusion_jax.conditioning.base import SubNoise, marginal_b, require_svd, run_between
+from diffusion_jax.conditioning.base import SubNoise, marginal_b, require_noisy, require_svd, run_between
 from diffusion_jax.conditioning.operators import Operator, SVDOperator
 from diffusion_jax.samplers.base import FixedGridSampler, Model, Sampler, fixed_info
 from diffusion_jax.samplers.fast import Euler
@@ -296,6 +296,7 @@ class DAPS(FixedGridSampler):
             raise TypeError(f"DAPS.ode must be a fixed-grid sampler, got {type(self.ode).__name__}")
         if self.exact_x0_step:
             require_svd(self.operator, "DAPS with exact_x0_step=True (use exact_x0_step=False for Langevin)")
+        require_noisy(self.operator, "DAPS", "samples x0 from N(x0_hat, r_t^2) p(y | x0)")
 
     def _x0_step(self, x0hat, r2, noise, i):
         op = self.operator

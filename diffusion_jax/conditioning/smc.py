@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.stats
 
-from diffusion_jax.conditioning.base import marginal_b
+from diffusion_jax.conditioning.base import marginal_b, require_noisy
 from diffusion_jax.samplers.base import FixedGridSampler, fixed_info
 from diffusion_jax.samplers.grids import LogSNRGrid
 from diffusion_jax.sde import broadcast_to_data
@@ -80,9 +80,7 @@ class TDS(FixedGridSampler):
         super().__post_init__()
         if int(self.num_particles) < 1:
             raise ValueError(f"TDS needs num_particles >= 1, got {self.num_particles}")
-        sy = self.operator.sigma_y if self.operator is not None else None
-        if isinstance(sy, (int, float)) and float(sy) <= 0:
-            raise ValueError("TDS weights particles by p(y | x), which needs a noisy measurement: sigma_y > 0")
+        require_noisy(self.operator, "TDS", "weights particles by p(y | x)")
 
     def run(self, model, x, noise, *, return_trajectory=False):
         sde = model.sde
