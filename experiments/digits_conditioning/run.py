@@ -69,7 +69,8 @@ METHODS = {
     # TDS weights its particles by p(y | x), so it needs sigma_y > 0; 4 particles per digit.
     "tds": dict(num_steps=20, options=dict(num_particles=4)),
 }
-NOISY_ONLY = ("tds",)
+# The methods that weight by p(y | x) and refuse sigma_y = 0 (conditioning.base.require_noisy).
+NOISY_ONLY = ("daps", "tds")
 
 
 def classify(detector, images: np.ndarray) -> np.ndarray:
