@@ -96,13 +96,15 @@ def inverse(args) -> None:
     rows, record = [], {"workdir": str(args.workdir), "step": model.step, "num_images": len(images)}
     record["accuracy_true_digits"] = ceiling
     record["sigma_y"] = args.sigma_y
+    record["options"] = args.options
     stem = args.name or ("inverse" if args.sigma_y == 0 else f"inverse_sigma{args.sigma_y:g}")
     for name in tasks:
         spec = dict(TASKS[name])
         grid = [images]
         for method in methods:
             m = METHODS[method]
-            task = Task(method=method, num_steps=m["num_steps"], options=m.get("options"), sigma_y=args.sigma_y, **spec)
+            options = {**m.get("options", {}), **args.options.get(method, {})}
+            task = Task(method=method, num_steps=m["num_steps"], options=options, sigma_y=args.sigma_y, **spec)
             key = jax.random.PRNGKey(args.seed)
             t0 = time.perf_counter()
             res = runner.run(task, key, inputs=images)
@@ -120,6 +122,7 @@ def inverse(args) -> None:
             row = dict(
                 task=name,
                 method=method,
+                options=args.options.get(method, {}),
                 nfe=res.nfe,
                 seconds=round(seconds, 1),
                 known_max_abs=known,
@@ -266,7 +269,25 @@ def main(argv=None) -> int:
     parser.add_argument("--negative_scales", default="1,2,3,5")
     parser.add_argument("--per_class", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="METHOD.KEY=VALUE",
+        help="a method option beside the defaults above, e.g. dps.scale=10 (repeatable)",
+    )
     args = parser.parse_args(argv)
+    args.options = {}
+    for item in args.option:
+        target, _, value = item.partition("=")
+        method, _, key = target.partition(".")
+        if method not in METHODS or not key or not value:
+            parser.error(f"--option {item!r}: expected METHOD.KEY=VALUE with METHOD one of {', '.join(METHODS)}")
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = value
+        args.options.setdefault(method, {})[key] = parsed
     unknown = [t for t in args.tasks.split(",") if t not in TASKS] + [
         m for m in args.methods.split(",") if m not in METHODS
     ]
