@@ -200,6 +200,13 @@ def _mode_parser(mode: str) -> _Parser:
         p.add_argument("--workdir", required=True, metavar="DIR", help="checkpoints, metrics, samples and config.json")
     if mode == "encode":
         p.add_argument("--out", required=True, metavar="DIR", help="where to write the latent data set")
+        p.add_argument(
+            "--text_encoder",
+            metavar="DIR",
+            help="store the captions (data.captions) as the embeddings of this frozen CLIP text encoder (config.json "
+            "and model.safetensors, as a Stable Diffusion pipeline's text_encoder/), for model.text_encoder = "
+            "'precomputed' (docs/latent.md)",
+        )
     p.add_argument(
         "--print_config", action="store_true", help="print the resolved config (after overrides), run nothing"
     )
@@ -360,7 +367,7 @@ def _run_mode(mode: str, flags: argparse.Namespace, config) -> int:
         elif mode == "stats":
             modes.stats(config, flags.out, split=flags.split)
         elif mode == "encode":
-            modes.encode(config, flags.workdir, out=flags.out)
+            modes.encode(config, flags.workdir, out=flags.out, text_encoder=flags.text_encoder)
         elif mode == "posthoc_ema":
             modes.posthoc_ema(config, flags.workdir, sigma_rels=flags.sigma_rel, step=flags.step)
         elif flags.prompt is not None or flags.negative_prompt is not None:

@@ -2,6 +2,8 @@
 `encode` into a latent data set (identical over 1 and 8 devices), training and sampling in latent
 space with decoding, and the refusals (missing latents or autoencoder, latents of another one)."""
 
+import importlib.metadata
+import importlib.util
 import json
 import os
 import pathlib
@@ -451,12 +453,305 @@ def test_text_to_latents_trains_samples_and_refuses_bad_prompts(encoded, tmp_pat
         modes.train(_text_config(bare), tmp_path / "t2i_bare")
 
 
+# -- a frozen text encoder: caption embeddings stored with the latents -----------------------------
+
+
+def _has_clip_vocabulary() -> bool:
+    try:
+        importlib.metadata.distribution("open-clip-torch")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return importlib.util.find_spec("regex") is not None
+
+
+needs_vocabulary = pytest.mark.skipif(
+    not _has_clip_vocabulary(),
+    reason='CLIP\'s BPE vocabulary ships in open-clip-torch: pip install "diffusion_jax[clip]"',
+)
+
+# A CLIP text encoder's config.json (transformers' CLIPTextConfig), shrunk to width 16.
+_TINY_CLIP = dict(
+    vocab_size=49408,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    bos_token_id=49406,
+    eos_token_id=49407,
+)
+
+
+def _write_clip(directory, *, seed=0, **changes):
+    """A random CLIP text encoder in transformers' layout: config.json and model.safetensors."""
+    from flax import traverse_util
+
+    from diffusion_jax.models.convert import write_safetensors
+    from diffusion_jax.models.text import TextTransformer, clip_text_kwargs_from_config, clip_text_state_dict_shapes
+
+    config = dict(_TINY_CLIP, **changes)
+    module = TextTransformer(**clip_text_kwargs_from_config(config))
+    params = module.init(jax.random.PRNGKey(seed), jnp.zeros((1, 4), jnp.int32))["params"]
+    # Non-zero biases and LayerNorm parameters, so a misplaced one would show.
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(seed + 1), p.shape), params)
+    flat = traverse_util.flatten_dict(params)
+    state = {}
+    for name, (path, _) in clip_text_state_dict_shapes(module).items():
+        value = np.asarray(flat[path])
+        state[f"text_model.{name}"] = value.T if path[-1] == "kernel" else value
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config))
+    write_safetensors(directory / "model.safetensors", state)
+    return module, params
+
+
+def test_safetensors_writer_round_trips(tmp_path):
+    import ml_dtypes
+
+    from diffusion_jax.models.convert import read_safetensors, write_safetensors
+
+    rng = np.random.default_rng(0)
+    tensors = {
+        "f32": rng.normal(size=(3, 5)).astype(np.float32),
+        "f16_big_endian": rng.normal(size=(7,)).astype(">f2"),
+        "bf16": rng.normal(size=(2, 2)).astype(ml_dtypes.bfloat16),
+        "i64": np.arange(5, dtype=np.int64) - 2,
+        "flag": np.array([True, False, True]),
+        "scalar": np.float32(3.5),
+    }
+    write_safetensors(tmp_path / "t.safetensors", tensors, metadata={"format": "pt"})
+    raw = (tmp_path / "t.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    assert n % 8 == 0 and header["__metadata__"] == {"format": "pt"} and header["f16_big_endian"]["dtype"] == "F16"
+    got = read_safetensors(tmp_path / "t.safetensors")
+    assert list(got) == list(tensors)
+    for name, value in tensors.items():
+        assert got[name].shape == np.shape(value) and got[name].dtype.newbyteorder("=") == value.dtype.newbyteorder("=")
+        np.testing.assert_array_equal(got[name], value)
+    with pytest.raises(ValueError, match="complex64"):
+        write_safetensors(tmp_path / "c.safetensors", {"c": np.zeros(2, np.complex64)})
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("clip") / "text_encoder"
+    module, params = _write_clip(directory)
+    return directory, module, params
+
+
+@pytest.fixture(scope="module")
+def embedded(trained_ae, clip_dir):
+    from diffusion_jax import modes
+
+    root, config = trained_ae
+    out = modes.encode(
+        config.copy_and_resolve_references(), root / "ae", out=str(root / "latents_clip"), text_encoder=str(clip_dir[0])
+    )
+    return root, out
+
+
+def _sorted_rows(latent_dir):
+    source = data_lib.load("latent", split="train", latent_dir=latent_dir, latent_captions=True)
+    rows = source.read(np.arange(len(source)))
+    return source, rows[np.argsort(rows["index"])]
+
+
+@needs_vocabulary
+def test_encode_stores_the_frozen_encoders_caption_embeddings(embedded, encoded, clip_dir):
+    """The stored context is the encoder's own last hidden state of the example's caption at all 77
+    positions, truncated to the longest caption's token count (exact: the attention is causal)."""
+    from diffusion_jax.models.tokenizer import CLIPTokenizer
+
+    root, out = embedded
+    directory, module, params = clip_dir
+    meta = latent_lib.read_metadata(out)
+    tok = CLIPTokenizer.from_package()
+    _, ids_rows = _sorted_rows(encoded[2])
+    texts = [caption_tokenizer("digits").decode(ids) for ids in ids_rows["context"]]
+    length = max(len(tok.encode(t)) + 2 for t in texts)
+    captions = meta["captions"]
+    assert captions["name"] == "digits" and captions["max_length"] == length and "tokenizer" not in captions
+    assert captions["embedding"] == {
+        "encoder": "clip",
+        "path": str(directory.absolute()),
+        "fingerprint": params_fingerprint(jax.tree.map(np.asarray, params)),
+        "hidden_size": 16,
+    }
+    source, rows = _sorted_rows(out)
+    assert rows["context"].dtype == np.float32 and rows["context"].shape == (1500, length, 16)
+    np.testing.assert_array_equal(rows["latent"], ids_rows["latent"])  # the same autoencoder, the same latents
+    pick = np.arange(0, 1500, 50)
+    full = module.apply({"params": params}, jnp.asarray(tok([texts[i] for i in pick]))).last_hidden_state
+    assert full.shape == (len(pick), 77, 16)
+    np.testing.assert_allclose(rows["context"][pick], np.asarray(full)[:, :length], rtol=0, atol=1e-6)
+    batch = source.get_batch(np.arange(4))
+    assert batch["context"].dtype == np.float32 and batch["context"].shape == (4, length, 16)
+
+
+class _Attend(nn.Module):
+    """A stand-in network: one cross-attention block from the pixels to the context."""
+
+    @nn.compact
+    def __call__(self, x, c_noise, *, context=None, train=False):
+        from diffusion_jax.models.layers import CrossAttnBlock
+
+        return CrossAttnBlock(num_heads=2, init_scale=1.0)(x, context)
+
+
+def test_embedding_conditioned_null_token_padding_and_dropout():
+    from diffusion_jax.models.text_conditioned import EmbeddingConditioned
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 8))
+    emb = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 16))
+    module = EmbeddingConditioned(network=_Attend(), context_dim=16, caption_dropout=1.0)
+    params = module.init({"params": jax.random.PRNGKey(2)}, x, jnp.zeros((2,)))["params"]
+    np.testing.assert_array_equal(params["null_context"], np.zeros((1, 16)))  # zeros at initialisation
+    params = dict(params, null_context=jax.random.normal(jax.random.PRNGKey(3), (1, 16)))
+
+    def run(context, train=False, m=module):
+        return m.apply(
+            {"params": params},
+            x,
+            jnp.zeros((2,)),
+            context=context,
+            train=train,
+            rngs={"dropout": jax.random.PRNGKey(4)},
+        )
+
+    null = run(None)  # the null token as a (B, 1, D) context
+    cond = run(emb)
+    assert float(jnp.abs(cond - null).max()) > 1e-3 and float(jnp.abs(run(emb[::-1]) - cond).max()) > 1e-3
+    # Zero rows become the null token at all 5 positions; attention over 5 copies equals attention over one.
+    np.testing.assert_allclose(run(jnp.zeros_like(emb)), null, rtol=1e-6, atol=1e-6)
+    mixed = run(emb.at[1].set(0.0))
+    np.testing.assert_allclose(mixed[0], cond[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(mixed[1], null[1], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(run(emb, train=True), null, rtol=1e-6, atol=1e-6)  # caption_dropout = 1 drops all
+    keep = EmbeddingConditioned(network=_Attend(), context_dim=16, caption_dropout=0.0)
+    np.testing.assert_allclose(run(emb, train=True, m=keep), cond, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="expected caption embeddings of shape"):
+        run(emb[:, :, :8])
+
+
+def _embedding_config(latent_dir, context_dim=16):
+    config = _text_config(latent_dir)
+    config.model.text_encoder, config.model.context_dim = "precomputed", context_dim
+    return config
+
+
+@needs_vocabulary
+def test_text_embeddings_train_sample_and_refuse(embedded, encoded, clip_dir, tmp_path):
+    import shutil
+
+    from diffusion_jax import modes
+    from diffusion_jax.builders.text_encoder import load_frozen_text_encoder
+    from diffusion_jax.modes.prompts import prompt_context
+
+    root, out = embedded
+    directory = clip_dir[0]
+    length = latent_lib.read_metadata(out)["captions"]["max_length"]
+    modes.train(_embedding_config(out), root / "t2i_clip")
+    config = load_config(str(root / "t2i_clip" / "config.py"))
+    path = modes.sample(
+        config,
+        root / "t2i_clip",
+        num_samples=4,
+        out=str(tmp_path / "p"),
+        prompt="a bold seven",
+        negative_prompt="a one",
+        guidance_scale=2.0,
+    )
+    saved = np.load(path)
+    assert saved["samples"].shape == (4, 8, 8, 1) and str(saved["negative_prompt"]) == "a one"
+    # The prompt is embedded by the recorded encoder at the stored length; no negative prompt: zeros (the null token).
+    text = prompt_context(config, "a bold seven")
+    want = load_frozen_text_encoder(directory).embed(["a bold seven"], length)
+    np.testing.assert_array_equal(text.context, want)
+    assert text.negative_context.shape == (1, length, 16) and not text.negative_context.any()
+    long = "a very thin and rather bold seven"
+    with pytest.raises(ConfigError, match=rf"has 9 tokens with the start and end tokens; at most {length} fit \(the"):
+        modes.sample(config, root / "t2i_clip", num_samples=4, prompt=long)
+    # The encoder moved away, then replaced by other weights.
+    moved = directory.with_name("moved")
+    directory.rename(moved)
+    try:
+        with pytest.raises(ConfigError, match="which is gone"):
+            modes.sample(config, root / "t2i_clip", num_samples=4, prompt="a seven")
+    finally:
+        moved.rename(directory)
+    original = (directory / "model.safetensors").read_bytes()
+    _write_clip(tmp_path / "other", seed=5)
+    shutil.copy(tmp_path / "other" / "model.safetensors", directory / "model.safetensors")
+    try:
+        with pytest.raises(ConfigError, match="is not the one that wrote these embeddings"):
+            prompt_context(config, "a seven")  # what `sample` calls first
+    finally:
+        (directory / "model.safetensors").write_bytes(original)
+    # Embeddings of another width, a tiny text model on embeddings, embeddings expected from token ids.
+    with pytest.raises(ConfigError, match="embeddings of .* have width 16 .* set model.context_dim = 16"):
+        modes.train(_embedding_config(out, context_dim=32), tmp_path / "w1")
+    with pytest.raises(ConfigError, match="'tiny' reads the captions' token ids, but .* holds their embeddings"):
+        modes.train(_text_config(out), tmp_path / "w2")
+    with pytest.raises(ConfigError, match="'precomputed' reads caption embeddings, but .* holds the captions' token"):
+        modes.train(_embedding_config(encoded[2]), tmp_path / "w3")
+
+
+@needs_vocabulary
+def test_frozen_text_encoder_refusals(trained_ae, clip_dir, tmp_path, monkeypatch):
+    from diffusion_jax import modes
+    from diffusion_jax.builders.text_encoder import load_frozen_text_encoder
+    from diffusion_jax.models.tokenizer import CLIPTokenizer
+
+    encoder = load_frozen_text_encoder(clip_dir[0])
+    assert encoder.hidden_size == 16 and encoder.token_count(["a seven", ""]).tolist() == [4, 2]
+    with pytest.raises(ConfigError, match="'a bold seven' has 5 tokens with the start and end tokens; at most 4 fit"):
+        encoder.embed(["a seven", "a bold seven"], 4)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_frozen_text_encoder(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="has no config.json"):
+        load_frozen_text_encoder(tmp_path / "empty")
+    (tmp_path / "empty" / "config.json").write_text(json.dumps(_TINY_CLIP))
+    with pytest.raises(ConfigError, match="has none of model.safetensors, pytorch_model.bin, model.npz"):
+        load_frozen_text_encoder(tmp_path / "empty")
+    _write_clip(tmp_path / "small_vocab", vocab_size=1000)
+    with pytest.raises(ConfigError, match="vocab_size 1000 is smaller than CLIP's tokenizer's 49408 .ids up to 49407"):
+        load_frozen_text_encoder(tmp_path / "small_vocab")
+    wide = tmp_path / "wide"
+    _write_clip(wide)  # weights of width 16 under a config of width 32
+    (wide / "config.json").write_text(json.dumps(dict(_TINY_CLIP, hidden_size=32)))
+    with pytest.raises(ConfigError, match="model.safetensors: CLIP text weights: tensor .* has shape"):
+        load_frozen_text_encoder(wide)
+
+    def missing(**kwargs):
+        raise ImportError("CLIP's BPE vocabulary ships inside the open-clip-torch wheel, which is not installed")
+
+    with monkeypatch.context() as m:
+        m.setattr(CLIPTokenizer, "from_package", missing)
+        with pytest.raises(ConfigError, match="needs CLIP's tokenizer: .* open-clip-torch wheel, which is not"):
+            load_frozen_text_encoder(clip_dir[0])
+    # encode --text_encoder embeds data.captions: without captions there is nothing to embed.
+    root, config = trained_ae
+    bare = config.copy_and_resolve_references()
+    bare.data.captions = ""
+    with pytest.raises(ConfigError, match="embeds the captions of data.captions, which this config leaves empty"):
+        modes.encode(bare, root / "ae", out=str(tmp_path / "never"), text_encoder=str(clip_dir[0]))
+
+
 def test_command_line_refusals(trained_ae):
     """One message and exit status 2, never a traceback."""
     root, _ = trained_ae
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     cases = (
         (["encode", f"--workdir={root / 'ae'}"], "the following arguments are required: --out"),
+        (
+            ["encode", f"--workdir={root / 'ae'}", f"--out={root / 'never'}", "--text_encoder=/nonexistent"],
+            "text encoder directory /nonexistent does not exist",
+        ),
         (["sample", f"--workdir={root / 'ae'}", "--prompt=a seven"], "draws no samples"),
         (["sample", f"--workdir={root / 'ae'}", "--prompt=a seven", "--label=3"], "does not combine with"),
     )

@@ -394,7 +394,10 @@ SCHEMA: tuple[Key, ...] = (
     _K("model.context_dim", None, "int", "width of the cross-attention context; None: no context", optional=True,
        check=_positive),
     _K("model.text_encoder", "none", "str", "text conditioning: 'tiny' trains a small text transformer of width "
-       "context_dim with the network on the captions of data.captions (docs/latent.md)", choices=("none", "tiny")),
+       "context_dim with the network on the captions of data.captions; 'precomputed' reads the caption embeddings "
+       "that `encode --text_encoder DIR` stored with the latent data set (a frozen encoder such as CLIP's), with a "
+       "learned null embedding for classifier-free guidance (docs/latent.md)",
+       choices=("none", "tiny", "precomputed")),
     _K("model.remat", False, "bool", "recompute each block's activations in the backward pass"),
     _K("model.dtype", "float32", "str", "compute dtype (parameters stay float32)", choices=("float32", "bfloat16")),
     # model: DiT (model.name = 'dit'; docs/dit.md)
@@ -860,10 +863,19 @@ def _cross_field_checks(c: dict[str, Any]) -> list[str]:
             out.append(f"model.text_encoder = {c['model.text_encoder']!r} needs data.captions (the captions it reads)")
         if c["data.dataset"].lower() != "latent":
             out.append("model.text_encoder reads the captions of a latent data set (data.dataset = 'latent')")
-        if c["model.context_dim"] is None or not c["model.cross_attn_resolutions"] or c["model.context_dim"] % 4:
+        if c["model.text_encoder"] == "tiny" and (
+            c["model.context_dim"] is None or not c["model.cross_attn_resolutions"] or c["model.context_dim"] % 4
+        ):
             out.append(
-                "model.text_encoder needs model.context_dim (the text encoder's width, a multiple of its 4 heads) "
-                "and model.cross_attn_resolutions (where the network reads it)"
+                "model.text_encoder = 'tiny' needs model.context_dim (the text encoder's width, a multiple of its 4 "
+                "heads) and model.cross_attn_resolutions (where the network reads it)"
+            )
+        if c["model.text_encoder"] == "precomputed" and (
+            c["model.context_dim"] is None or not c["model.cross_attn_resolutions"]
+        ):
+            out.append(
+                "model.text_encoder = 'precomputed' needs model.context_dim (the stored embeddings' width: the text "
+                "encoder's hidden_size) and model.cross_attn_resolutions (where the network reads them)"
             )
     if c["data.dataset"].lower() == "latent" and not c["data.latent_dir"]:
         out.append("data.dataset = 'latent' needs data.latent_dir (a directory written by `diffusion-jax encode`)")

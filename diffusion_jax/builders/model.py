@@ -229,7 +229,7 @@ def build_model(config: Any) -> nn.Module:
         raise ValueError(f"config.model.name: unknown model {name!r}; valid names: {', '.join(sorted(MODELS))}")
     module = _BUILDERS[name.lower()](config, MODELS[name.lower()])
     if config.model.text_encoder != "none":
-        module = _text_conditioned(config, module)
+        module = _TEXT_ENCODERS[config.model.text_encoder](config, module)
     return module
 
 
@@ -263,6 +263,20 @@ def _text_conditioned(config: Any, network: nn.Module) -> nn.Module:
         eos_id=tok.eos_id,
         pad_id=tok.pad_id,
     )
+
+
+def _embedding_conditioned(config: Any, network: nn.Module) -> nn.Module:
+    """``network`` reading caption embeddings of width ``model.context_dim`` precomputed by a frozen
+    text encoder and stored with the latent data set (``model.text_encoder = 'precomputed'``)."""
+    from diffusion_jax.models.text_conditioned import EmbeddingConditioned  # noqa: PLC0415
+
+    return EmbeddingConditioned(
+        network=network, context_dim=config.model.context_dim, caption_dropout=config.training.caption_dropout
+    )
+
+
+# config.model.text_encoder -> the wrapper that conditions the network on the captions.
+_TEXT_ENCODERS = {"tiny": _text_conditioned, "precomputed": _embedding_conditioned}
 
 
 def model_input_shape(config: Any, batch_size: int = 1) -> tuple[int, int, int, int]:

@@ -1,7 +1,8 @@
 """Classifier-free guidance on text, with negative prompts.
 
-For a network that reads a caption's token ids as its ``context`` (e.g.
-:class:`~diffusion_jax.models.text_conditioned.TextConditioned`), the guided score is
+For a network that reads a caption as its ``context``, token ids (e.g.
+:class:`~diffusion_jax.models.text_conditioned.TextConditioned`) or precomputed embeddings
+(:class:`~diffusion_jax.models.text_conditioned.EmbeddingConditioned`), the guided score is
 
     s_w(x, t | c, c_neg) = (1 + w) s(x, t | c) - w s(x, t | c_neg)
 
@@ -48,7 +49,8 @@ def _impl(module, sde, parametrization) -> Callable:
 
 def text_guided_score(module, sde, parametrization, params, ids, negative_ids, guidance_scale: float):
     """The guided score as a ``jax.tree_util.Partial`` (parameters, ids and the scale as
-    arguments, so the samplers compile once). ``ids``, ``negative_ids``: (B, L) token ids of the
-    prompt and of the negative prompt (or the empty caption), one row per sample."""
+    arguments, so the samplers compile once). ``ids``, ``negative_ids``: the network's context for
+    the prompt and for the negative prompt (or the empty caption / null token), one row per
+    sample: token ids (B, L) or embeddings (B, L, D)."""
     impl = _impl(module, sde, parametrization)
     return jax.tree_util.Partial(impl, params, ids, negative_ids, float(guidance_scale))

@@ -67,7 +67,7 @@ class LoadOptions:
     ``folder_path``: image folder of the ``folder`` data set; ``category``: LSUN category;
     ``num_channels``: 1 or 3 (None: the data set's own; a folder defaults to 3);
     ``latent_dir``: the directory of the ``latent`` data set (``diffusion-jax encode``);
-    ``latent_captions``: whether its batches carry the captions' token ids (``context``).
+    ``latent_captions``: whether its batches carry the captions' token ids or embeddings (``context``).
     """
 
     image_size: int | None = None

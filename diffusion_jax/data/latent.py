@@ -11,7 +11,15 @@ Layout of ``DIR``:
   ``train`` or ``eval``), one record per example: a little-endian structured array row with
   fields ``index`` (int64, the example's position in the split), ``label`` (int32, -1 without
   labels), ``latent`` (float32 ``(h, w, c)``, unscaled: as the encoder gave it) and, for a set
-  written with captions (``data.captions``), ``context`` (int32 ``(L,)``: the caption's token ids).
+  written with captions (``data.captions``), ``context``: either int32 ``(L,)``, the caption's
+  token ids, or, for a set written with a frozen text encoder (``encode --text_encoder DIR``),
+  float32 ``(L, D)``, the encoder's last hidden states of the caption at its first ``L``
+  positions (``L``: the longest caption's token count, ``D``: the encoder's width).
+
+``latents.json``'s ``captions`` entry (None without captions) holds the captioner's ``name``, the
+context length ``max_length`` (``L``), the class thresholds ``ink_edges`` and either the word
+``tokenizer`` (token ids) or ``embedding``: ``{"encoder": "clip", "path", "fingerprint",
+"hidden_size"}``, the text encoder's directory, the fingerprint of its parameters and ``D``.
 
 Sources hold the files, not the data; batches are read with one ``__getitems__`` call and
 decoded with one ``np.frombuffer``. The pipeline sees ``image = scale_factor * latent``
@@ -39,6 +47,7 @@ __all__ = [
     "LatentSource",
     "LatentData",
     "record_dtype",
+    "context_shape",
     "shard_path",
     "write_shard",
     "read_metadata",
@@ -50,13 +59,28 @@ METADATA = "latents.json"
 SPLITS = ("train", "eval")
 
 
-def record_dtype(latent_shape: Sequence[int], context_length: int = 0) -> np.dtype:
-    """The little-endian row layout of one record (with ``context``, the caption's token ids,
-    when ``context_length`` > 0)."""
-    fields = [("index", "<i8"), ("label", "<i4"), ("latent", "<f4", tuple(int(s) for s in latent_shape))]
-    if context_length:
+def record_dtype(latent_shape: Sequence[int], context_length: int = 0, context_dim: int = 0) -> np.dtype:
+    """The little-endian row layout of one record: with ``context_length`` > 0, a ``context``
+    field holding the caption's token ids (int32 ``(L,)``) or, with ``context_dim`` > 0, its
+    embeddings (float32 ``(L, D)``)."""
+    fields: list[tuple[Any, ...]] = [
+        ("index", "<i8"),
+        ("label", "<i4"),
+        ("latent", "<f4", tuple(int(s) for s in latent_shape)),
+    ]
+    if context_length and context_dim:
+        fields.append(("context", "<f4", (int(context_length), int(context_dim))))
+    elif context_length:
         fields.append(("context", "<i4", (int(context_length),)))
     return np.dtype(fields)
+
+
+def context_shape(meta: dict[str, Any]) -> tuple[int, int]:
+    """``(L, D)`` of a latent set's ``context`` field from its metadata: ``(0, 0)`` without
+    captions, ``(L, 0)`` for token ids, ``(L, D)`` for embeddings."""
+    captions = meta.get("captions") or {}
+    embedding = captions.get("embedding") or {}
+    return int(captions.get("max_length", 0)), int(embedding.get("hidden_size", 0))
 
 
 def shard_path(directory: str | os.PathLike, split: str, shard_index: int, shard_count: int) -> pathlib.Path:
@@ -71,10 +95,13 @@ def write_shard(
     latents: np.ndarray,
     context: np.ndarray | None = None,
 ) -> int:
-    """Write one ArrayRecord file of records (one per example); returns the number written."""
+    """Write one ArrayRecord file of records (one per example); returns the number written.
+    ``context``: ``(N, L)`` token ids or ``(N, L, D)`` embeddings, or None."""
     from array_record.python.array_record_module import ArrayRecordWriter  # noqa: PLC0415
 
-    rows = np.zeros(len(indices), record_dtype(latents.shape[1:], 0 if context is None else context.shape[1]))
+    length = 0 if context is None else context.shape[1]
+    dim = context.shape[2] if context is not None and context.ndim == 3 else 0
+    rows = np.zeros(len(indices), record_dtype(latents.shape[1:], length, dim))
     if context is not None:
         rows["context"] = context
     rows["index"] = indices
@@ -120,7 +147,9 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
 
 class LatentSource:
     """One split of a latent data set (the :class:`~diffusion_jax.data.sources.Source`
-    protocol): ``get_batch`` returns ``image`` (scaled latents, float32) and ``label``."""
+    protocol): ``get_batch`` returns ``image`` (scaled latents, float32), ``label`` and, with
+    ``with_context``, ``context`` (int32 token ids ``(B, L)``, or float32 embeddings
+    ``(B, L, D)`` when ``context_dim`` > 0)."""
 
     in_memory = False
 
@@ -132,13 +161,15 @@ class LatentSource:
         scale_factor: float,
         info: DataInfo,
         context_length: int = 0,
+        context_dim: int = 0,
         with_context: bool = False,
     ):
         from array_record.python.array_record_data_source import ArrayRecordDataSource  # noqa: PLC0415
 
         self.paths = list(paths)
         self.records = ArrayRecordDataSource(self.paths)
-        self.dtype = record_dtype(latent_shape, context_length)
+        self.dtype = record_dtype(latent_shape, context_length, context_dim)
+        self.context_dtype = np.float32 if context_dim else np.int32
         self.with_context = with_context and context_length > 0
         self.scale_factor = float(scale_factor)
         self.info = info
@@ -156,8 +187,8 @@ class LatentSource:
         batch = {"image": (rows["latent"] * np.float32(self.scale_factor)).astype(np.float32)}
         if self.info.num_classes is not None:
             batch["label"] = rows["label"].astype(np.int32)
-        if self.with_context:  # the caption's token ids, for text-conditioned networks
-            batch["context"] = rows["context"].astype(np.int32)
+        if self.with_context:  # the caption's token ids or embeddings, for text-conditioned networks
+            batch["context"] = rows["context"].astype(self.context_dtype)
         return batch
 
 
@@ -201,7 +232,8 @@ class LatentData:
             latent_shape=shape,
             scale_factor=meta["scale_factor"],
             info=info,
-            context_length=int((meta.get("captions") or {}).get("max_length", 0)),
+            context_length=context_shape(meta)[0],
+            context_dim=context_shape(meta)[1],
             with_context=bool(options.latent_captions),
         )
         if len(source) != int(sizes[split]):

@@ -51,6 +51,7 @@ __all__ = [
     "load_torch_checkpoint",
     "strip_prefix",
     "read_safetensors",
+    "write_safetensors",
     "read_state_dict",
     "state_dict_from_checkpoint",
     "torch_to_flax_mapping",
@@ -600,6 +601,34 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
             raise ValueError(f"{path}: tensor {name!r} {info['dtype']}{list(shape)} has inconsistent offsets")
         out[name] = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=begin).reshape(shape).copy()
     return out
+
+
+def write_safetensors(
+    path: str | os.PathLike, tensors: Mapping[str, Any], *, metadata: Mapping[str, str] | None = None
+) -> None:
+    """Writes ``{name: array}`` as a ``.safetensors`` file (the layout :func:`read_safetensors`
+    reads): tensors in the given order, little-endian, the JSON header padded with spaces to a
+    multiple of 8 bytes (as the format asks, so every tensor starts aligned)."""
+    names = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
+    names[np.dtype(ml_dtypes.bfloat16)] = "BF16"
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    blobs, offset = [], 0
+    for name, value in tensors.items():
+        array = np.asarray(value)
+        if array.dtype.newbyteorder("=") not in names:
+            raise ValueError(f"write_safetensors: tensor {name!r} has dtype {array.dtype}, which safetensors lacks")
+        dtype = array.dtype.newbyteorder("=")
+        blob = np.ascontiguousarray(array, dtype=dtype.newbyteorder("<")).tobytes()
+        header[name] = {"dtype": names[dtype], "shape": list(array.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(os.fspath(path), "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for blob in blobs:
+            f.write(blob)
 
 
 def read_state_dict(source: Mapping[str, Any] | str | os.PathLike) -> dict[str, np.ndarray]:

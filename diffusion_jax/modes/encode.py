@@ -12,6 +12,11 @@ parameters, so the files do not depend on the number of devices or processes. Th
 is ``autoencoder.scale_factor``, else 1 / std of every element of the train split's latents
 (Rombach et al. 2022, App. G: unit-variance latents for the diffusion model), reduced over all
 processes.
+
+Captions (``data.captions``) are stored with the latents as token ids, or with ``text_encoder``
+(a frozen CLIP text encoder's directory, :mod:`diffusion_jax.builders.text_encoder`) as the
+encoder's last hidden states at the first ``L`` positions, ``L`` the longest caption's token
+count over every process (each distinct caption is encoded once).
 """
 
 from __future__ import annotations
@@ -122,9 +127,11 @@ def _gather_rows(values: np.ndarray) -> np.ndarray:
     return np.concatenate([row[:c] for row, c in zip(every, counts)])
 
 
-def _captions(config, encoded: dict) -> tuple[dict | None, dict[str, np.ndarray]]:
-    """With ``data.captions``: the metadata of the captions and each split's token ids (this
-    process's examples). The attribute thresholds come from the whole train split."""
+def _captions(config, encoded: dict, text_encoder=None) -> tuple[dict | None, dict[str, np.ndarray]]:
+    """With ``data.captions``: the metadata of the captions and each split's context (this
+    process's examples): token ids (N, L), or with ``text_encoder`` (a
+    :class:`~diffusion_jax.builders.text_encoder.FrozenTextEncoder`) embeddings (N, L, D). The
+    attribute thresholds come from the whole train split."""
     from diffusion_jax.builders.model import caption_tokenizer  # noqa: PLC0415
 
     name = config.data.captions
@@ -135,14 +142,36 @@ def _captions(config, encoded: dict) -> tuple[dict | None, dict[str, np.ndarray]
         raise ConfigError(f"data.captions = {name!r} writes captions from labels, and {config.data.dataset} has none")
     captioner = CAPTIONERS[name]
     edges = captioner.edges(_gather_rows(ink), _gather_rows(labels).astype(int))
-    tok = caption_tokenizer(name)
-    contexts = {split: tok(captioner.captions(e[3], e[1], edges)) for split, e in encoded.items()}
-    meta = {"name": name, "max_length": tok.max_length, "tokenizer": tok.to_dict(), "ink_edges": edges.tolist()}
+    texts = {split: captioner.captions(e[3], e[1], edges) for split, e in encoded.items()}
+    if text_encoder is None:
+        tok = caption_tokenizer(name)
+        contexts = {split: tok(t) for split, t in texts.items()}
+        meta = {"name": name, "max_length": tok.max_length, "tokenizer": tok.to_dict(), "ink_edges": edges.tolist()}
+        return meta, contexts
+    every = [t for split in texts.values() for t in split]
+    counts = text_encoder.token_count(every) if every else np.zeros(1, np.int64)
+    length = int(_gather(counts.max()).max())  # the same L on every process
+    if length > text_encoder.max_length:
+        longest = every[int(np.argmax(counts))] if counts.max() == length else "a caption of another process"
+        raise ConfigError(
+            f"caption {longest!r} has {length} tokens with the start and end tokens; the text encoder at "
+            f"{text_encoder.path} reads at most {text_encoder.max_length}"
+        )
+    contexts = {split: text_encoder.embed(t, length) for split, t in texts.items()}
+    embedding = {
+        "encoder": "clip",
+        "path": text_encoder.path,
+        "fingerprint": text_encoder.fingerprint,
+        "hidden_size": text_encoder.hidden_size,
+    }
+    meta = {"name": name, "max_length": length, "ink_edges": edges.tolist(), "embedding": embedding}
     return meta, contexts
 
 
-def encode(config, workdir, *, out: str) -> pathlib.Path:
-    """Encode both splits of the autoencoder workdir's data set into ``out``; returns ``out``."""
+def encode(config, workdir, *, out: str, text_encoder: str | None = None) -> pathlib.Path:
+    """Encode both splits of the autoencoder workdir's data set into ``out``; returns ``out``.
+    ``text_encoder``: a frozen CLIP text encoder's directory (``config.json`` and its weights);
+    the captions of ``data.captions`` are then stored as its embeddings instead of token ids."""
     run = setup.prepare(config, workdir, create=False)
     config, workdir = run.config, run.workdir
     if config.training.task != "autoencoder":
@@ -151,6 +180,16 @@ def encode(config, workdir, *, out: str) -> pathlib.Path:
             "workdir (training.task = 'autoencoder')"
         )
     setup.check_batch("eval.batch_size", config.eval.batch_size)
+    frozen = None
+    if text_encoder is not None:
+        if not config.data.captions:
+            raise ConfigError(
+                "--text_encoder embeds the captions of data.captions, which this config leaves empty; set "
+                f"data.captions (one of {', '.join(map(repr, CAPTIONERS))}) in the autoencoder's config"
+            )
+        from diffusion_jax.builders.text_encoder import load_frozen_text_encoder  # noqa: PLC0415
+
+        frozen = load_frozen_text_encoder(text_encoder)
     restored = ae_builders.restore_autoencoder(workdir)
     info = setup.data_info(config)
     out_dir = pathlib.Path(out).expanduser()
@@ -165,7 +204,7 @@ def encode(config, workdir, *, out: str) -> pathlib.Path:
     shape: tuple[int, ...] = ()
     stats = np.zeros((1, 5))
     encoded = {s: encode_split(config, restored, split=s) for s in ("train", "eval")}
-    captions_meta, contexts = _captions(config, encoded)
+    captions_meta, contexts = _captions(config, encoded, frozen)
     for split, (indices, labels, latents, _) in encoded.items():
         path = latent_lib.shard_path(out_dir, split, jax.process_index(), jax.process_count())
         latent_lib.write_shard(path, indices=indices, labels=labels, latents=latents, context=contexts.get(split))
@@ -221,8 +260,17 @@ def encode(config, workdir, *, out: str) -> pathlib.Path:
             },
         )
         how = "given" if config.autoencoder.scale_factor else "1 / std of the train latents"
+        if captions_meta is None:
+            stored = ""
+        elif frozen is None:
+            stored = f", with the token ids of their {captions_meta['name']!r} captions"
+        else:
+            stored = (
+                f", with the embeddings ({captions_meta['max_length']} tokens x {frozen.hidden_size}) of their "
+                f"{captions_meta['name']!r} captions by the text encoder at {frozen.path}"
+            )
         print(
-            f"encoded {sizes['train']} train and {sizes['eval']} eval examples into {shape} latents "
+            f"encoded {sizes['train']} train and {sizes['eval']} eval examples into {shape} latents{stored} "
             f"(scale factor {scale:.5f}: {how}) "
             f"in {time.perf_counter() - t0:.1f} s: {out_dir}",
             flush=True,

@@ -50,9 +50,9 @@ def sample(
         raise ConfigError("--negative_prompt and --guidance_scale need --prompt")
     text, w = None, 0.0
     if prompt is not None:
-        from diffusion_jax.modes.prompts import prompt_ids  # noqa: PLC0415
+        from diffusion_jax.modes.prompts import prompt_context  # noqa: PLC0415
 
-        text = prompt_ids(config, prompt, negative_prompt)
+        text = prompt_context(config, prompt, negative_prompt)
         w = config.sampling.guidance_scale if guidance_scale is None else guidance_scale
     n = num_samples or (len(labels) if labels is not None and len(labels) > 1 else config.eval.num_samples)
     chosen = _labels(exp, labels, n)

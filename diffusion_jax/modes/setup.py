@@ -210,15 +210,45 @@ def prepare(config, workdir, *, create: bool, need_data: bool = True) -> Run:
         from diffusion_jax.data.latent import read_metadata  # noqa: PLC0415
 
         meta = read_metadata(config.data.latent_dir)
-        captions = (meta.get("captions") or {}).get("name", "")
-        if config.model.text_encoder != "none" and captions != config.data.captions:
-            raise ConfigError(
-                f"model.text_encoder reads data.captions = {config.data.captions!r}, but the latent data set "
-                f"{config.data.latent_dir} holds {'captions ' + repr(captions) if captions else 'no captions'}; "
-                "encode it with the autoencoder's data.captions set"
-            )
+        if config.model.text_encoder != "none":
+            check_latent_captions(config, meta)
         exp.decode = latent_decoder(config, meta)
     return Run(config, workdir, exp, jax.process_index() == 0)
+
+
+def check_latent_captions(config, meta: dict) -> None:
+    """A text-conditioned model needs a latent set holding its captions in the form it reads:
+    token ids for ``model.text_encoder = 'tiny'``, embeddings of width ``model.context_dim`` for
+    ``'precomputed'``. A ConfigError (one message) otherwise."""
+    where, kind = config.data.latent_dir, config.model.text_encoder
+    captions = meta.get("captions") or {}
+    name = captions.get("name", "")
+    if name != config.data.captions:
+        raise ConfigError(
+            f"model.text_encoder reads data.captions = {config.data.captions!r}, but the latent data set "
+            f"{where} holds {'captions ' + repr(name) if name else 'no captions'}; "
+            "encode it with the autoencoder's data.captions set"
+        )
+    embedding = captions.get("embedding")
+    if kind == "precomputed":
+        if not embedding:
+            raise ConfigError(
+                f"model.text_encoder = 'precomputed' reads caption embeddings, but the latent data set {where} holds "
+                "the captions' token ids; encode it with `diffusion-jax encode --text_encoder DIR` (or set "
+                "model.text_encoder = 'tiny')"
+            )
+        if int(embedding["hidden_size"]) != config.model.context_dim:
+            raise ConfigError(
+                f"model.context_dim = {config.model.context_dim}, but the caption embeddings of {where} have width "
+                f"{embedding['hidden_size']} (the text encoder at {embedding['path']}); set "
+                f"model.context_dim = {embedding['hidden_size']}"
+            )
+    elif embedding:
+        raise ConfigError(
+            f"model.text_encoder = 'tiny' reads the captions' token ids, but the latent data set {where} holds their "
+            f"embeddings by the text encoder at {embedding['path']}; set model.text_encoder = 'precomputed' and "
+            f"model.context_dim = {embedding['hidden_size']}, or encode without --text_encoder"
+        )
 
 
 def write_config(workdir: pathlib.Path, config) -> None:
