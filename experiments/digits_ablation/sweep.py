@@ -2,7 +2,8 @@
 
 Which SDE and which network output train the best digits? SDE (score_sde's VE and VP, EDM's
 sigma-as-time) x network output (score_sde's native one for that SDE, or EDM's preconditioning)
-x 2 seeds: 12 points, each the main job (configs/digits/edm.py) with only these factors changed.
+x 2 seeds: 12 points, each configs/digits/edm_sigma.py (the main job on EDM's SDE, the main job
+when this sweep ran) with only these factors changed.
 
 Held fixed for every point: the network (DDPM++, 32 channels, 1.03M parameters), batch 128,
 Adam at 2e-3 with 200 warm-up steps, EMA rate 0.999 with the EMA warm-up on, the data, the
@@ -22,7 +23,7 @@ NATIVE_VE = {"model.scale_by_sigma": True, "model.embedding_type": "fourier", "m
 
 def get_sweep():
     return Sweep(
-        config="../../configs/digits/edm.py",
+        config="../../configs/digits/edm_sigma.py",
         factors=(
             levels(
                 "sde",

@@ -1,13 +1,13 @@
 """Controllable generation on the embedded 8x8 digits: inverse problems on the held-out test
 digits, and class guidance. See the README next to this file for the commands and results.
 
-    python experiments/digits_conditioning/run.py inverse --workdir runs/digits --out OUT
+    python experiments/digits_conditioning/run.py inverse --workdir runs/digits_sigma --out OUT
         [--tasks bottom_half,random50,outpaint,sr4x4,deblur] [--methods ddrm,pigdm,...]
         [--num_images 297] [--sigma_y 0]
     python experiments/digits_conditioning/run.py guidance --workdir runs/digits_cond --out OUT
         [--scales 0,1,2,3,5] [--negative_scales 1,2,3,5] [--per_class 10]
     python experiments/digits_conditioning/run.py inputs --out OUT --num_images 10
-    python experiments/digits_conditioning/run.py classifier_guidance --workdir runs/digits
+    python experiments/digits_conditioning/run.py classifier_guidance --workdir runs/digits_sigma
         --classifier_workdir runs/digits_classifier --out OUT [--scales 0,1,2,4] [--per_class 10]
 
 ``inverse``: each held-out test digit (the 297 digits of the ``test`` split, which no network
@@ -25,7 +25,7 @@ digits (the ceiling) and on the measurement itself shown as an image (the floor:
 model, 0: the unconditional one), the fraction the digits classifier assigns to the requested
 digit; and with each digit as a negative label (the positive label null), the fraction of
 samples that avoid it. ``classifier_guidance``: the same fraction with a trained noise-conditional
-classifier (configs/digits/classifier.py) guiding the unconditional main job at scale w.
+classifier (configs/digits/classifier.py) guiding the unconditional model at scale w.
 
 Results: ``OUT/<part>.json``, ``OUT/<part>.md`` (the tables) and PNG grids in ``OUT``; with
 ``--sigma_y`` > 0 the inverse results are ``OUT/inverse_sigma<sigma_y>*``, and ``--name`` gives

@@ -1,12 +1,12 @@
 """diffusion-jax sweep --sweep experiments/digits_samplers/sweep.py --workdir runs/digits_samplers
 
 Sample quality against the number of network evaluations (NFE, 4 to 50) for deterministic and
-stochastic samplers, on the main job's final checkpoint (no training): each point is an `eval`
-of a copy of that checkpoint with one sampler at one NFE, 1,000 samples judged by the digits
-detector against the train split (as the main job's eval does).
+stochastic samplers, on the final checkpoint of the main job on EDM's SDE (no training): each
+point is an `eval` of a copy of that checkpoint with one sampler at one NFE, 1,000 samples judged
+by the digits detector against the train split (as the main job's eval does).
 
-The main job's workdir: runs/digits (``diffusion-jax train --config configs/digits/edm.py
---workdir runs/digits``), or $DIGITS_MAIN_WORKDIR.
+The source workdir: runs/digits_sigma (``diffusion-jax train --config configs/digits/edm_sigma.py
+--workdir runs/digits_sigma``), or $DIGITS_MAIN_WORKDIR (any finished digits run).
 """
 
 import os
@@ -23,7 +23,7 @@ SAMPLERS = {**DETERMINISTIC, **STOCHASTIC}
 
 def get_sweep():
     return Sweep(
-        source=os.environ.get("DIGITS_MAIN_WORKDIR", "../../runs/digits"),
+        source=os.environ.get("DIGITS_MAIN_WORKDIR", "../../runs/digits_sigma"),
         factors=(
             levels("sampler", {name: {"sampling.method": name} for name in SAMPLERS}),
             levels("nfe", {str(n): {} for n in NFE}),
