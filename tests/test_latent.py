@@ -2,8 +2,6 @@
 `encode` into a latent data set (identical over 1 and 8 devices), training and sampling in latent
 space with decoding, and the refusals (missing latents or autoencoder, latents of another one)."""
 
-import importlib.metadata
-import importlib.util
 import json
 import os
 import pathlib
@@ -15,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _clip import needs_vocabulary
 
 from diffusion_jax import data as data_lib
 from diffusion_jax.builders import autoencoder as ae_builders
@@ -409,6 +408,20 @@ def _text_config(latent_dir):
     return config
 
 
+def _train_and_prompt(config, workdir, out):
+    """Train ``config`` (2 steps) into ``workdir``, sample 4 images of "a bold seven" with the
+    negative prompt "a one" at w = 2, check what was saved; the stored config."""
+    from diffusion_jax import modes
+
+    modes.train(config, workdir)
+    stored = load_config(str(workdir / "config.py"))
+    kwargs = dict(prompt="a bold seven", negative_prompt="a one", guidance_scale=2.0)
+    saved = np.load(modes.sample(stored, workdir, num_samples=4, out=str(out), **kwargs))
+    assert saved["samples"].shape == (4, 8, 8, 1) and np.all(np.isfinite(saved["samples"]))
+    assert str(saved["prompt"]) == "a bold seven" and str(saved["negative_prompt"]) == "a one"
+    return stored
+
+
 def test_text_to_latents_trains_samples_and_refuses_bad_prompts(encoded, tmp_path):
     import shutil
 
@@ -423,20 +436,7 @@ def test_text_to_latents_trains_samples_and_refuses_bad_prompts(encoded, tmp_pat
     names = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
     texts = [tok.decode(ids) for ids in rows["context"][:50]]
     assert all(t.split()[-1] == names[y] for t, y in zip(texts, rows["label"][:50]))
-    config = _text_config(out)
-    modes.train(config, root / "t2i")
-    config = load_config(str(root / "t2i" / "config.py"))
-    path = modes.sample(
-        config,
-        root / "t2i",
-        num_samples=4,
-        out=str(tmp_path / "p"),
-        prompt="a bold seven",
-        negative_prompt="a one",
-        guidance_scale=2.0,
-    )
-    saved = np.load(path)
-    assert saved["samples"].shape == (4, 8, 8, 1) and str(saved["prompt"]) == "a bold seven"
+    config = _train_and_prompt(_text_config(out), root / "t2i", tmp_path / "p")
     with pytest.raises(ConfigError, match="unknown word 'zebra'"):
         modes.sample(config, root / "t2i", num_samples=4, prompt="a zebra")
     with pytest.raises(ConfigError, match="at most 3 fit"):
@@ -455,19 +455,6 @@ def test_text_to_latents_trains_samples_and_refuses_bad_prompts(encoded, tmp_pat
 
 # -- a frozen text encoder: caption embeddings stored with the latents -----------------------------
 
-
-def _has_clip_vocabulary() -> bool:
-    try:
-        importlib.metadata.distribution("open-clip-torch")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return importlib.util.find_spec("regex") is not None
-
-
-needs_vocabulary = pytest.mark.skipif(
-    not _has_clip_vocabulary(),
-    reason='CLIP\'s BPE vocabulary ships in open-clip-torch: pip install "diffusion_jax[clip]"',
-)
 
 # A CLIP text encoder's config.json (transformers' CLIPTextConfig), shrunk to width 16.
 _TINY_CLIP = dict(
@@ -654,19 +641,7 @@ def test_text_embeddings_train_sample_and_refuse(embedded, encoded, clip_dir, tm
     root, out = embedded
     directory = clip_dir[0]
     length = latent_lib.read_metadata(out)["captions"]["max_length"]
-    modes.train(_embedding_config(out), root / "t2i_clip")
-    config = load_config(str(root / "t2i_clip" / "config.py"))
-    path = modes.sample(
-        config,
-        root / "t2i_clip",
-        num_samples=4,
-        out=str(tmp_path / "p"),
-        prompt="a bold seven",
-        negative_prompt="a one",
-        guidance_scale=2.0,
-    )
-    saved = np.load(path)
-    assert saved["samples"].shape == (4, 8, 8, 1) and str(saved["negative_prompt"]) == "a one"
+    config = _train_and_prompt(_embedding_config(out), root / "t2i_clip", tmp_path / "p")
     # The prompt is embedded by the recorded encoder at the stored length; no negative prompt: zeros (the null token).
     text = prompt_context(config, "a bold seven")
     want = load_frozen_text_encoder(directory).embed(["a bold seven"], length)

@@ -6,7 +6,6 @@ reference tokenizer's ids, and the closed-vocabulary tokenizer and encoder.
 
 Fixtures: tests/fixtures/latent_parity, written by scripts/make_latent_fixtures.py."""
 
-import importlib.metadata
 import importlib.util
 import json
 import pathlib
@@ -15,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _clip import needs_vocabulary
 
 from diffusion_jax.models.convert import ConversionError
 from diffusion_jax.models.text import (
@@ -37,20 +37,6 @@ def rel_err(ours, ref):
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     assert ours.shape == ref.shape, (ours.shape, ref.shape)
     return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
-
-
-def _has_clip_vocabulary() -> bool:
-    try:
-        importlib.metadata.distribution("open-clip-torch")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return importlib.util.find_spec("regex") is not None
-
-
-needs_vocabulary = pytest.mark.skipif(
-    not _has_clip_vocabulary(),
-    reason='CLIP\'s BPE vocabulary ships in open-clip-torch: pip install "diffusion_jax[clip]"',
-)
 
 
 @pytest.fixture(scope="module", params=VARIANTS)
