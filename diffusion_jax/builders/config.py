@@ -863,19 +863,17 @@ def _cross_field_checks(c: dict[str, Any]) -> list[str]:
             out.append(f"model.text_encoder = {c['model.text_encoder']!r} needs data.captions (the captions it reads)")
         if c["data.dataset"].lower() != "latent":
             out.append("model.text_encoder reads the captions of a latent data set (data.dataset = 'latent')")
-        if c["model.text_encoder"] == "tiny" and (
-            c["model.context_dim"] is None or not c["model.cross_attn_resolutions"] or c["model.context_dim"] % 4
-        ):
-            out.append(
-                "model.text_encoder = 'tiny' needs model.context_dim (the text encoder's width, a multiple of its 4 "
-                "heads) and model.cross_attn_resolutions (where the network reads it)"
+        kind, dim = c["model.text_encoder"], c["model.context_dim"]
+        tiny = kind == "tiny"
+        if dim is None or not c["model.cross_attn_resolutions"] or (tiny and dim % 4):
+            width = (
+                "the text encoder's width, a multiple of its 4 heads"
+                if tiny
+                else "the stored embeddings' width: the text encoder's hidden_size"
             )
-        if c["model.text_encoder"] == "precomputed" and (
-            c["model.context_dim"] is None or not c["model.cross_attn_resolutions"]
-        ):
             out.append(
-                "model.text_encoder = 'precomputed' needs model.context_dim (the stored embeddings' width: the text "
-                "encoder's hidden_size) and model.cross_attn_resolutions (where the network reads them)"
+                f"model.text_encoder = {kind!r} needs model.context_dim ({width}) and model.cross_attn_resolutions "
+                "(where the network reads it)"
             )
     if c["data.dataset"].lower() == "latent" and not c["data.latent_dir"]:
         out.append("data.dataset = 'latent' needs data.latent_dir (a directory written by `diffusion-jax encode`)")

@@ -227,13 +227,14 @@ class LatentData:
             train_split=meta.get("train_split", "train"),
             eval_split=meta.get("eval_split", "test"),
         )
+        length, dim = context_shape(meta)
         source = LatentSource(
             [os.fspath(f) for f in files],
             latent_shape=shape,
             scale_factor=meta["scale_factor"],
             info=info,
-            context_length=context_shape(meta)[0],
-            context_dim=context_shape(meta)[1],
+            context_length=length,
+            context_dim=dim,
             with_context=bool(options.latent_captions),
         )
         if len(source) != int(sizes[split]):

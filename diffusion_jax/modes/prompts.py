@@ -57,14 +57,12 @@ def _embedded(config, prompt: str, negative_prompt: str | None) -> Prompt:
     latent set, after checking it is the one that wrote the captions' embeddings."""
     from diffusion_jax.builders.text_encoder import load_frozen_text_encoder  # noqa: PLC0415
     from diffusion_jax.data.latent import read_metadata  # noqa: PLC0415
+    from diffusion_jax.modes.setup import check_latent_captions  # noqa: PLC0415
 
-    captions = read_metadata(config.data.latent_dir).get("captions") or {}
-    embedding = captions.get("embedding")
-    if not embedding:
-        raise ConfigError(
-            f"model.text_encoder = 'precomputed' reads caption embeddings, and the latent data set "
-            f"{config.data.latent_dir} holds none; encode it with `diffusion-jax encode --text_encoder DIR`"
-        )
+    meta = read_metadata(config.data.latent_dir)
+    check_latent_captions(config, meta)  # embeddings of the model's captions and width
+    captions = meta["captions"]
+    embedding = captions["embedding"]
     length = int(captions["max_length"])
     path = embedding["path"]
     if not os.path.isdir(path):
